@@ -1,0 +1,36 @@
+# Two commands are the whole setup on a fresh machine:
+#   make demo   create .venv, install, fetch MNIST, train a small model, sample a grid
+#   make test   create .venv, install the dev extras, run the tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: reinstall when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import ddpm_mnist, torch, torchvision"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import ddpm_mnist, torch, torchvision, pytest"
+	touch $@ $(VENV)/.installed
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check ddpm_mnist tests scripts
+
+demo: $(VENV)/.installed
+	scripts/fetch_mnist.sh data
+	$(BIN)/ddpm schedule --config configs/cpu.yaml --plot runs/schedule.png
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,450 @@
+"""Typed config: one dataclass per YAML section, strict loading, `--set` overrides, YAML dump.
+
+Every field carries its default, a one-line meaning and its allowed range in `param(...)`, so
+that loading, error messages and the README's config reference all read from one place.
+This module knows nothing about torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddpm_mnist.errors import ConfigError
+
+
+def param(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with its meaning and allowed values (read by `load_config`)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v", "x0")
+IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
+
+
+@dataclass
+class DataConfig:
+    """Where MNIST lives and how much of it to use."""
+
+    root: str = param("data", "folder holding MNIST/raw/ (torchvision's layout)")
+    download: bool = param(True, "try torchvision's download when the files are missing")
+    limit: int = param(0, "use only the first N training images (0 = all 60000)", ge=0)
+
+
+@dataclass
+class ScheduleConfig:
+    """The forward-noising beta schedule (names and defaults as in diffusers' DDPMScheduler)."""
+
+    beta_schedule: str = param(
+        "linear", "linear | scaled_linear | cosine | sigmoid", choices=SCHEDULES
+    )
+    num_timesteps: int = param(1000, "T, the number of diffusion steps", ge=1, le=100_000)
+    beta_start: float = param(1e-4, "beta at t = 0 (linear, scaled_linear, sigmoid)", gt=0, lt=1)
+    beta_end: float = param(0.02, "beta at t = T-1 (linear, scaled_linear, sigmoid)", gt=0, lt=1)
+    cosine_s: float = param(0.008, "offset s of the cosine schedule (Nichol & Dhariwal)", ge=0, le=1)
+    max_beta: float = param(0.999, "cap on beta for the cosine schedule", gt=0, lt=1)
+    rescale_zero_terminal_snr: bool = param(
+        False, "rescale so that alpha-bar at T-1 is 0 (Lin et al. 2023; needs model.prediction_type v or x0)"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The U-Net's sizes and what it predicts."""
+
+    base_channels: int = param(32, "channels at 28x28", ge=1, le=1024)
+    channel_mult: list[int] = param([1, 2, 2], "channel multiplier per level (28, 14, 7)")
+    num_res_blocks: int = param(2, "residual blocks per level", ge=1, le=8)
+    attention_resolutions: list[int] = param([7], "resolutions (28, 14 or 7) with self-attention")
+    num_heads: int = param(1, "attention heads", ge=1, le=64)
+    dropout: float = param(0.1, "dropout inside residual blocks", ge=0, lt=1)
+    num_groups: int = param(8, "GroupNorm groups (must divide every channel count)", ge=1, le=1024)
+    prediction_type: str = param(
+        "epsilon", "what the network predicts: epsilon | v | x0", choices=PREDICTION_TYPES
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The training loop, optimiser, EMA, logging and checkpoints."""
+
+    batch_size: int = param(128, "images per optimiser step", ge=1, le=65536)
+    steps: int = param(10000, "optimiser steps to train (0: train by epochs instead)", ge=0, le=10**9)
+    epochs: int = param(0, "epochs to train; needs steps: 0 (0: train by steps)", ge=0, le=10**6)
+    lr: float = param(2e-4, "peak learning rate of AdamW", gt=0, le=1)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0, le=1)
+    warmup_steps: int = param(200, "linear learning-rate warmup, in steps", ge=0, le=10**9)
+    lr_schedule: str = param("constant", "after warmup: constant | cosine", choices=("constant", "cosine"))
+    min_lr_ratio: float = param(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    grad_clip: float = param(1.0, "max global gradient norm (0: no clipping)", ge=0)
+    loss: str = param("mse", "mse | l1 | huber, on the prediction target", choices=("mse", "l1", "huber"))
+    ema_decay: float = param(0.9999, "EMA decay of the weights used for sampling", ge=0, lt=1)
+    ema_warmup: bool = param(True, "EMA decay min(ema_decay, (1+n)/(10+n)) so early samples are not blank")
+    device: str = param("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    mixed_precision: str = param(
+        "auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16) | bf16 | fp32",
+        choices=("auto", "bf16", "fp32"),
+    )
+    compile: bool = param(False, "torch.compile the model for training")
+    channels_last: bool = param(False, "channels_last memory format")
+    nan_policy: str = param(
+        "stop", "on a non-finite loss or gradient: stop | skip (the step)", choices=("stop", "skip")
+    )
+    log_every: int = param(50, "steps between scalar logs and progress-bar updates", ge=1)
+    sample_every: int = param(1000, "steps between preview grids (0: only at the end)", ge=0)
+    preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
+    preview_steps: int = param(50, "DDIM steps (eta 0) for preview grids", ge=1)
+    checkpoint_every: int = param(1000, "steps between checkpoints (0: only at the end)", ge=0)
+    keep_checkpoints: int = param(3, "numbered checkpoints kept besides latest.pt", ge=1, le=10**6)
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for `ddpm sample` (each has a command-line flag too)."""
+
+    n: int = param(64, "number of images", ge=1, le=10**7)
+    steps: int = param(1000, "reverse steps (the full ancestral loop is num_timesteps)", ge=1)
+    sampler: str = param("ancestral", "ancestral (Ho et al.) | ddim (Song et al.)", choices=("ancestral", "ddim"))
+    eta: float = param(0.0, "DDIM eta: 0 deterministic, 1 ancestral-like", ge=0, le=1)
+    variance_type: str = param(
+        "fixed_small", "fixed_small (beta-tilde) | fixed_large (beta)",
+        choices=("fixed_small", "fixed_large"),
+    )
+    clip_sample: bool = param(True, "clip the predicted x0 to [-clip_sample_range, clip_sample_range]")
+    clip_sample_range: float = param(1.0, "clip bound for the predicted x0", gt=0)
+    batch_size: int = param(256, "images per forward pass (does not change the images)", ge=1, le=65536)
+    use_ema: bool = param(True, "sample with the EMA weights")
+    compile: bool = param(False, "torch.compile the sampling step (CUDA graphs on CUDA)")
+
+
+@dataclass
+class Config:
+    """A whole run: top-level name, output folder and seed, plus one section each."""
+
+    name: str = param("mnist", "run name: outputs go to out_dir/name/")
+    out_dir: str = param("runs", "folder holding run folders")
+    seed: int = param(0, "seed for weights, data order, timesteps and noise", ge=0, le=2**63 - 1)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder, `<out_dir>/<name>`."""
+        return Path(self.out_dir) / self.name
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "schedule": ScheduleConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with the config loader; a syntax error becomes one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_range(value: float, key: str, meta: dict, source: str) -> None:
+    bounds = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    for name, sign in bounds:
+        bound = meta[name]
+        if bound is None:
+            continue
+        ok = {"ge": value >= bound, "gt": value > bound, "le": value <= bound, "lt": value < bound}
+        if not ok[name]:
+            raise ConfigError(f"{source}: {key}: must be {sign} {bound:g}, got {_describe(value)}")
+
+
+def _coerce(value: Any, kind: Any, key: str, meta: dict, source: str) -> Any:
+    """Check one value against its field type and range; return it (never silently changed)."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: must be true or false, got {_describe(value)}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: must be an integer, got {_describe(value)}")
+        _check_range(value, key, meta, source)
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}: must be a finite number, got {_describe(value)}")
+        _check_range(value, key, meta, source)
+        return float(value)
+    if kind is str:
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"{source}: {key}: must be a string, got {_describe(value)} "
+                "(YAML reads unquoted yes/no/on/off as booleans; quote the value)"
+            )
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {key}: must be a non-empty string, got {_describe(value)}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(
+                f"{source}: {key}: must be one of {', '.join(meta['choices'])}; got {_describe(value)}"
+            )
+        return value
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: must be a list of integers, got {_describe(value)}")
+        return [_coerce(item, int, f"{key}[{i}]", meta, source) for i, item in enumerate(value)]
+    raise TypeError(f"unsupported config field type {kind!r}")  # a bug in this module, not input
+
+
+def _unknown_key(key: str, allowed: list[str], prefix: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    return ConfigError(
+        f"{source}: {prefix}{key}: unknown key; {hint}allowed: {', '.join(allowed)}"
+    )
+
+
+def _build_section(cls: type, values: Any, section: str, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {_describe(values)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or key not in fields:
+            raise _unknown_key(str(key), list(fields), f"{section}.", source)
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", fields[key].metadata, source)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Any, source: str, *, check: bool = True) -> Config:
+    """Build a Config from a parsed YAML mapping; `source` names it in errors.
+
+    Every key's type and range is always checked; `check=False` skips only the checks that
+    involve several keys (for `load_config`, which runs them after the overrides).
+    """
+    if raw is None:
+        raise ConfigError(f"{source}: file is empty; a config is a YAML mapping of sections")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a YAML mapping of sections, got {_describe(raw)}")
+    hints = typing.get_type_hints(Config)
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in top:
+            raise _unknown_key(str(key), list(top), "", source)
+        if key in SECTIONS:
+            kwargs[key] = _build_section(SECTIONS[key], value, key, source)
+        else:
+            kwargs[key] = _coerce(value, hints[key], key, top[key].metadata, source)
+    cfg = Config(**kwargs)
+    if check:
+        validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Checks that involve more than one field."""
+    s, m, t, smp = cfg.schedule, cfg.model, cfg.train, cfg.sample
+    if s.beta_schedule != "cosine" and s.beta_start > s.beta_end:
+        raise ConfigError(
+            f"{source}: schedule.beta_start: must be <= schedule.beta_end ({s.beta_end:g}), "
+            f"got {s.beta_start:g}"
+        )
+    if s.rescale_zero_terminal_snr and m.prediction_type == "epsilon":
+        raise ConfigError(
+            f"{source}: schedule.rescale_zero_terminal_snr: needs model.prediction_type v or x0 "
+            "(at zero terminal SNR an epsilon prediction carries no information about x0)"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
+        raise ConfigError(
+            f"{source}: name: must be a folder name of letters, digits, '.', '_' or '-', "
+            f"got {_describe(cfg.name)}"
+        )
+    if not 1 <= len(m.channel_mult) <= 3:
+        raise ConfigError(
+            f"{source}: model.channel_mult: must list 1 to 3 levels (28, 14, 7), got {m.channel_mult}"
+        )
+    if any(not 1 <= c <= 64 for c in m.channel_mult):
+        raise ConfigError(f"{source}: model.channel_mult: each must be in 1..64, got {m.channel_mult}")
+    resolutions = [IMAGE_SIZE // 2**level for level in range(len(m.channel_mult))]
+    for r in m.attention_resolutions:
+        if r not in resolutions:
+            raise ConfigError(
+                f"{source}: model.attention_resolutions: {r} is not a level of this U-Net; "
+                f"allowed: {', '.join(map(str, resolutions))}"
+            )
+    for c in {m.base_channels * k for k in m.channel_mult}:
+        if c % m.num_groups:
+            raise ConfigError(
+                f"{source}: model.num_groups: {m.num_groups} must divide every channel count "
+                f"(base_channels * channel_mult gives {c})"
+            )
+        if m.attention_resolutions and c % m.num_heads:
+            raise ConfigError(
+                f"{source}: model.num_heads: {m.num_heads} must divide every channel count, "
+                f"got {c} channels"
+            )
+    if (t.steps > 0) == (t.epochs > 0):
+        raise ConfigError(
+            f"{source}: train.epochs: exactly one of train.steps and train.epochs must be positive, "
+            f"got steps={t.steps}, epochs={t.epochs} (to train by epochs, set steps: 0)"
+        )
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", t.device):
+        raise ConfigError(
+            f"{source}: train.device: must be auto, cpu, cuda, cuda:N or mps, got {_describe(t.device)}"
+        )
+    if smp.steps > s.num_timesteps:
+        raise ConfigError(
+            f"{source}: sample.steps: must be <= schedule.num_timesteps ({s.num_timesteps}), "
+            f"got {smp.steps}"
+        )
+    if t.preview_steps > s.num_timesteps:
+        raise ConfigError(
+            f"{source}: train.preview_steps: must be <= schedule.num_timesteps "
+            f"({s.num_timesteps}), got {t.preview_steps}"
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply `section.key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: file is empty; a config is a YAML mapping of sections")
+    cfg = config_from_dict(raw, str(path), check=False)
+    if overrides:
+        return apply_overrides(cfg, overrides, str(path))
+    validate(cfg, str(path))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str], source: str = "config") -> Config:
+    """Apply `--set key=value` strings (value parsed as YAML, checked like the file) and re-validate.
+
+    Each override is checked on its own (so the error names it); checks that involve several
+    keys run once all overrides are in, so `beta_start` and `beta_end` can be moved together.
+    """
+    raw = to_dict(cfg)
+    for item in overrides:
+        where = f"--set {item}"
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts) or len(parts) > 2:
+            raise ConfigError(f"{where}: expected key=value or section.key=value, e.g. train.lr=1e-4")
+        value = parse_yaml(text, where)
+        if len(parts) == 1:
+            top = {f.name: f for f in dataclasses.fields(Config) if f.name not in SECTIONS}
+            if parts[0] not in top:
+                raise _unknown_key(parts[0], list(top), "", where)
+            hint, meta, target = typing.get_type_hints(Config)[parts[0]], top[parts[0]].metadata, raw
+        else:
+            section, name = parts
+            if section not in SECTIONS:
+                raise _unknown_key(section, list(SECTIONS), "", where)
+            fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+            if name not in fields:
+                raise _unknown_key(name, list(fields), f"{section}.", where)
+            hint, meta, target = typing.get_type_hints(SECTIONS[section])[name], fields[name].metadata, raw[section]
+        target[parts[-1]] = _coerce(value, hint, key.strip(), meta, where)
+    return config_from_dict(raw, f"{source} with --set")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain Python types (safe for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for short lists such as channel_mult: [1, 2, 2]."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal Config."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every field, for the README and `ddpm config --help`."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            for g in dataclasses.fields(SECTIONS[f.name]):
+                default = g.default_factory() if callable(g.default_factory) else g.default  # type: ignore[misc]
+                rows.append((f"{f.name}.{g.name}", _yaml_scalar(default), g.metadata["help"]))
+        else:
+            rows.append((f.name, _yaml_scalar(f.default), f.metadata["help"]))
+    return rows
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A default as it is written in YAML: true, 0.0001, [1, 2, 2], linear."""
+    return yaml.dump(value, Dumper=_Dumper, default_flow_style=True).removesuffix("\n...\n").strip()

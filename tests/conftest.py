@@ -1,0 +1,31 @@
+"""Shared fixtures: the repository's paths, the MNIST fixture, a tiny config, running the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ddpm_mnist import cli
+from ddpm_mnist.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_ROOT = ROOT / "tests" / "fixtures"  # holds MNIST/raw/ with 1000 train and 1000 test digits
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path: Path) -> Config:
+    """configs/smoke.yaml with its data root made absolute and its run folder under tmp_path."""
+    return load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={tmp_path / 'runs'}"])
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `ddpm ARGS` in this process; return (exit code, stdout, stderr)."""
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -1,0 +1,161 @@
+"""Config loading is strict: each kind of bad input fails with one line naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+from ddpm_mnist.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+    parse_yaml,
+    reference_rows,
+    to_dict,
+)
+from ddpm_mnist.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    return message
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_mirror_the_dataclasses(path: Path) -> None:
+    cfg = load_config(path)
+    raw = parse_yaml(path.read_text(), str(path))
+    # every key of every section is written out, so the file documents the whole schema
+    assert raw == to_dict(cfg)
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "train:\n  lrr: 0.001\n")
+    assert "train.lrr: unknown key; did you mean train.lr?" in message
+
+
+def test_unknown_section_suggests_the_nearest(tmp_path: Path) -> None:
+    assert "did you mean schedule?" in error_of(tmp_path, "schedul:\n  num_timesteps: 10\n")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  batch_size: 12.5\n", "train.batch_size: must be an integer, got 12.5"),
+        ("train:\n  batch_size: true\n", "train.batch_size: must be an integer, got True"),
+        ("train:\n  lr: fast\n", "train.lr: must be a number, got 'fast'"),
+        ("data:\n  download: 1\n", "data.download: must be true or false, got 1"),
+        ("model:\n  channel_mult: 2\n", "model.channel_mult: must be a list of integers"),
+        ("model:\n  channel_mult: [1, x]\n", "model.channel_mult[1]: must be an integer"),
+        ("train:\n  device: 0\n", "train.device: must be a non-empty string"),
+        ("train:\n  mixed_precision: off\n", "quote the value"),
+        ("train:\n  lr: .nan\n", "train.lr: must be a finite number"),
+    ],
+)
+def test_wrong_types(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("schedule:\n  beta_end: 1.0\n", "schedule.beta_end: must be < 1, got 1.0"),
+        ("schedule:\n  beta_start: 0.03\n", "schedule.beta_start: must be <= schedule.beta_end (0.02)"),
+        ("schedule:\n  num_timesteps: 0\n", "schedule.num_timesteps: must be >= 1, got 0"),
+        ("schedule:\n  beta_schedule: cosin\n", "must be one of linear, scaled_linear, cosine, sigmoid"),
+        ("train:\n  batch_size: -4\n", "train.batch_size: must be >= 1, got -4"),
+        ("train:\n  batch_size: 100000000000000000000\n", "train.batch_size: must be <= 65536"),
+        ("model:\n  channel_mult: [1, 2, 2, 2]\n", "model.channel_mult: must list 1 to 3 levels"),
+        ("model:\n  attention_resolutions: [16]\n", "16 is not a level of this U-Net"),
+        ("model:\n  num_groups: 5\n", "model.num_groups: 5 must divide every channel count"),
+        ("train:\n  epochs: 3\n", "exactly one of train.steps and train.epochs"),
+        ("name: ../escape\n", "name: must be a folder name"),
+        ("schedule:\n  rescale_zero_terminal_snr: true\n", "needs model.prediction_type v or x0"),
+        ("sample:\n  steps: 5000\n", "sample.steps: must be <= schedule.num_timesteps (1000)"),
+    ],
+)
+def test_out_of_range_values(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "file is empty"),
+        ("- 1\n- 2\n", "must be a YAML mapping of sections"),
+        ("train: [1, 2]\n", "train: must be a mapping of keys"),
+        ("train:\n  lr: [\n", "not valid YAML (line"),
+    ],
+)
+def test_malformed_files(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_read_as_numbers(tmp_path: Path) -> None:
+    # PyYAML reads `1e-4` as a string (YAML 1.1); users write it that way, so it must work
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-4\nschedule:\n  beta_start: 2E-5\n"))
+    assert cfg.train.lr == 1e-4 and cfg.schedule.beta_start == 2e-5
+
+
+def test_overrides_are_validated_the_same_way() -> None:
+    overrides = ["train.lr=3e-4", "model.channel_mult=[1, 2]", "model.attention_resolutions=[]", "seed=7"]
+    cfg = apply_overrides(Config(), overrides)
+    assert (cfg.train.lr, cfg.model.channel_mult, cfg.seed) == (3e-4, [1, 2], 7)
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=x: train\.lr: must be a number"):
+        apply_overrides(Config(), ["train.lr=x"])
+    with pytest.raises(ConfigError, match="did you mean train.batch_size"):
+        apply_overrides(Config(), ["train.batchsize=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(Config(), ["train.lr"])
+
+
+def test_overrides_are_checked_together_for_cross_key_rules(tmp_path: Path) -> None:
+    # moving beta_start above the old beta_end is fine when beta_end moves too
+    path = write(tmp_path, "schedule:\n  beta_start: 0.05\n  beta_end: 0.06\n")
+    cfg = load_config(path, ["schedule.beta_start=0.03", "schedule.beta_end=0.04"])
+    assert (cfg.schedule.beta_start, cfg.schedule.beta_end) == (0.03, 0.04)
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = apply_overrides(Config(), ["schedule.beta_schedule=cosine", "model.attention_resolutions=[14, 7]"])
+    assert config_from_dict(parse_yaml(dump_yaml(cfg), "dump"), "dump") == cfg
+
+
+def test_every_field_is_documented() -> None:
+    rows = reference_rows()
+    assert len(rows) == len({key for key, _, _ in rows}) > 40
+    assert all(meaning.strip() for _, _, meaning in rows)
+
+
+def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, "schedule:\n  beta_end: 2\n")
+    code, out, err = run_cli(capsys, "config", "--config", path)
+    assert code == 2
+    assert err.strip() == f"error: {path}: schedule.beta_end: must be < 1, got 2"
+    assert "Traceback" not in out + err
+
+
+def test_cli_config_prints_the_resolved_yaml(capsys) -> None:
+    code, out, _ = run_cli(capsys, "config", "--set", "train.lr=0.5")
+    assert code == 0
+    assert config_from_dict(parse_yaml(out, "stdout"), "stdout").train.lr == 0.5
