@@ -1,0 +1,51 @@
+"""What `ddpm schedule` prints and writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddpm_mnist.config import Config
+from ddpm_mnist.errors import UserError
+from ddpm_mnist.schedule import NoiseSchedule, make_schedule, summary_rows, write_csv
+
+
+def describe_schedule(label: str, cfg: Config, schedule: NoiseSchedule) -> str:
+    """A short summary and a table at a few timesteps."""
+    s = cfg.schedule
+    betas = schedule.betas
+    lines = [
+        f"{label}: {s.beta_schedule} schedule, T = {schedule.num_timesteps}"
+        + (", rescaled to zero terminal SNR" if s.rescale_zero_terminal_snr else ""),
+        f"  beta from {float(betas[0]):.6g} to {float(betas[-1]):.6g} (max {float(betas.max()):.6g})",
+        f"  alpha_bar at t = T-1: {float(schedule.alphas_cumprod[-1]):.6g}",
+        f"  sigma max (init_noise_sigma): {schedule.init_noise_sigma:.6g}",
+        f"  {'t':>6} {'beta':>12} {'alpha_bar':>12} {'sigma':>12} {'snr':>12}",
+    ]
+    for row in summary_rows(schedule):
+        lines.append(
+            f"  {row['t']:>6} {row['beta']:>12.6g} {row['alpha_bar']:>12.6g} "
+            f"{row['sigma']:>12.6g} {row['snr']:>12.6g}"
+        )
+    return "\n".join(lines)
+
+
+def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: Path | None = None) -> str:
+    """Summaries of each config's schedule; writes the CSV (one config) and the plot if asked."""
+    schedules = {label: make_schedule(cfg.schedule) for label, cfg in configs.items()}
+    text = [describe_schedule(label, configs[label], sch) for label, sch in schedules.items()]
+    if csv is not None:
+        (schedule,) = schedules.values()
+        try:
+            write_csv(schedule, csv)
+        except OSError as exc:
+            raise UserError(f"cannot write {csv}: {exc.strerror or exc}") from None
+        text.append(f"wrote {csv} ({schedule.num_timesteps} rows)")
+    if plot is not None:
+        from ddpm_mnist.plots import write_schedule_plot
+
+        try:
+            write_schedule_plot(schedules, plot)
+        except OSError as exc:
+            raise UserError(f"cannot write {plot}: {exc.strerror or exc}") from None
+        text.append(f"wrote {plot}")
+    return "\n".join(text)

