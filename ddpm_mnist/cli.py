@@ -13,6 +13,11 @@ import typer
 from ddpm_mnist.config import Config, apply_overrides, dump_yaml, load_config
 from ddpm_mnist.errors import UserError
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_exceptions
+
 app = typer.Typer(
     name="ddpm",
     help="Train and sample denoising diffusion models (DDPM) on MNIST from one YAML config.",
@@ -69,10 +74,92 @@ def schedule(
     typer.echo(report_schedules(configs, csv=csv, plot=plot))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `ddpm` script: run the app, turning bad input into one line and exit 2."""
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file (see configs/)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in out_dir/name from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in out_dir/name."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: train.device)."),
+) -> None:
+    """Train a DDPM on MNIST: checkpoints, TensorBoard logs and sample grids go to out_dir/name/."""
+    from ddpm_mnist.train import Interrupted
+    from ddpm_mnist.train import train as run_training
+
     try:
-        app(args=argv, prog_name="ddpm")
+        run_training(_config(config, set_), resume=resume, overwrite=overwrite, device_name=device)
+    except Interrupted:
+        raise SystemExit(130) from None
+
+
+@app.command()
+def sample(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file, e.g. runs/cpu/checkpoints/latest.pt."),
+    n: int = typer.Option(None, "--n", help="Number of images [default: sample.n, 64]."),
+    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps, 1000 = the full loop]."),
+    seed: int = typer.Option(None, "--seed", help="Seed [default: the run's seed]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass; does not change the images."),
+    sampler: str = typer.Option(None, "--sampler", help="ancestral (Ho et al.) or ddim [default: ancestral]."),
+    eta: float = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic [default: 0]."),
+    ema: bool = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: train.device)."),
+    out: Path = typer.Option(
+        None, "--out", help="Grid PNG [default: <run>/samples/<sampler><steps>_seed<s>_n<n>.png]."
+    ),
+    images_dir: Path = typer.Option(None, "--images-dir", help="Also write each image as a PNG in this folder."),
+    tensor: Path = typer.Option(None, "--tensor", help="Also write all images to one .pt or .npz file (uint8)."),
+    trajectory: Path = typer.Option(None, "--trajectory", help="Also write a GIF of the denoising (and a strip PNG)."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Override a stored config key, e.g. sample.variance_type=fixed_large."
+    ),
+) -> None:
+    """Sample images from a checkpoint with the reverse process (1000 ancestral steps by default)."""
+    from ddpm_mnist.sample import sample_from_checkpoint
+
+    sample_from_checkpoint(
+        ckpt, n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta, use_ema=ema,
+        device_name=device, out=out, images_dir=images_dir, tensor_path=tensor, trajectory=trajectory, overrides=set_,
+    )
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Path = typer.Option(None, "--ckpt", help="Checkpoint to sample from, then measure."),
+    samples: Path = typer.Option(None, "--samples", help="Measure a .pt or .npz file written by ddpm sample --tensor."),
+    n: int = typer.Option(None, "--n", help="Number of images [default: sample.n of the checkpoint]."),
+    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps, 1000]."),
+    sampler: str = typer.Option(None, "--sampler", help="ancestral or ddim [default: ancestral]."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor [default: the run's]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ [default: data.root of the run]."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a stored config key, e.g. sample.eta=0.5."),
+) -> None:
+    """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
+    from ddpm_mnist.evaluate import evaluate
+
+    evaluate(ckpt, samples, n=n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, device_name=device,
+             data_root=data, json_path=json_path, overrides=set_)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `ddpm` script: bad input of any kind is one line on stderr and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, prog_name="ddpm", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click_exceptions.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+            typer.echo(exc.ctx.get_help(), err=True)  # `ddpm` alone: the help, as users expect
+            sys.exit(2)
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "ddpm"
+        typer.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
+        sys.exit(2)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -135,7 +135,8 @@ class SampleConfig:
     clip_sample_range: float = param(1.0, "clip bound for the predicted x0", gt=0)
     batch_size: int = param(256, "images per forward pass (does not change the images)", ge=1, le=65536)
     use_ema: bool = param(True, "sample with the EMA weights")
-    compile: bool = param(False, "torch.compile the sampling step (CUDA graphs on CUDA)")
+    compile: bool = param(False, "torch.compile the model for sampling")
+    cuda_graph: bool = param(True, "on CUDA, replay each reverse step from one captured CUDA graph")
 
 
 @dataclass

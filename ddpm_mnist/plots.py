@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen needed
 
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
@@ -37,4 +38,31 @@ def write_schedule_plot(schedules: dict[str, NoiseSchedule], path: str | Path) -
     """Save `schedule_figure` as a PNG."""
     fig = schedule_figure(schedules)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectory_figure(
+    timesteps: list[int], x_t: list[torch.Tensor], x0_hat: list[torch.Tensor], rows: int
+) -> Figure:
+    """The picture that explains diffusion: for `rows` samples, x_t and the model's x0_hat at
+    each of `timesteps` (columns, noisiest first). x_t[j], x0_hat[j]: (B, 1, 28, 28) in [-1, 1]."""
+    cols = len(timesteps)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(1.15 * cols, 1.25 * 2 * rows), squeeze=False)
+    for r in range(rows):
+        for j, t in enumerate(timesteps):
+            for k, (images, label) in enumerate(((x_t, r"$x_t$"), (x0_hat, r"$\hat{x}_0$"))):
+                ax = axes[2 * r + k, j]
+                ax.imshow(images[j][r, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(label, rotation=0, labelpad=14, fontsize=10)
+                if r == 0 and k == 0:
+                    ax.set_title(f"t = {t}", fontsize=9)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def close(fig: Figure) -> None:
+    """Free a figure's memory once it is written."""
     plt.close(fig)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import UserError
+from ddpm_mnist.paths import ensure_writable
 from ddpm_mnist.schedule import NoiseSchedule, make_schedule, summary_rows, write_csv
 
 
@@ -31,6 +32,9 @@ def describe_schedule(label: str, cfg: Config, schedule: NoiseSchedule) -> str:
 
 def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: Path | None = None) -> str:
     """Summaries of each config's schedule; writes the CSV (one config) and the plot if asked."""
+    for path in (csv, plot):
+        if path is not None:
+            ensure_writable(path)
     schedules = {label: make_schedule(cfg.schedule) for label, cfg in configs.items()}
     text = [describe_schedule(label, configs[label], sch) for label, sch in schedules.items()]
     if csv is not None:

@@ -21,7 +21,8 @@ def smoke_cfg(tmp_path: Path) -> Config:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run `ddpm ARGS` in this process; return (exit code, stdout, stderr)."""
+    """Run `ddpm ARGS` in this process; return (exit code, stdout, stderr) of this run alone."""
+    capsys.readouterr()  # drop what the test printed before
     try:
         cli.main([str(a) for a in args])
         code = 0
@@ -29,3 +30,13 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke run trained once per session (20 steps); tests must not modify its checkpoint."""
+    from ddpm_mnist.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", "train.sample_every=0"])
+    return train(cfg)

@@ -175,5 +175,8 @@ def test_schedule_command_compares_several_in_one_plot(tmp_path, capsys) -> None
 
 
 def test_schedule_command_reports_an_unwritable_path(tmp_path, capsys) -> None:
-    code, _, err = run_cli(capsys, "schedule", "--csv", tmp_path / "missing" / "s.csv")
-    assert code == 2 and err.startswith("error: cannot write") and len(err.strip().splitlines()) == 1
+    code, _, _ = run_cli(capsys, "schedule", "--csv", tmp_path / "new" / "folder" / "s.csv")
+    assert code == 0 and (tmp_path / "new" / "folder" / "s.csv").exists()  # folders are made
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli(capsys, "schedule", "--csv", tmp_path / "file" / "s.csv")
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,187 @@
+"""A small U-Net for 1 x 28 x 28 images with a sinusoidal time embedding.
+
+It maps (x, t) to an output of the same shape as x. It knows nothing about diffusion: what the
+output means (epsilon, v or x0) is decided by whoever trains it.
+Layout after Ho et al. 2020 (Appendix B) and improved-diffusion: residual blocks with GroupNorm
+and SiLU, the time embedding added in every block, self-attention at chosen resolutions, and
+skip connections from every block on the way down to a block on the way up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_mnist.config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Transformer-style sinusoidal embedding of t: (B,) -> (B, dim) float32.
+
+    Half the channels are cos(t * f_i), half sin(t * f_i), with f_i = max_period^(-i / (dim / 2)).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so its block starts as the identity (improved-diffusion's init)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-dropout-conv, plus skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_ch, H, W), temb: (B, time_dim) -> (B, out_ch, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # (B, out_ch, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C / heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C / heads)
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution: 28 -> 14 -> 7."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling then a 3x3 convolution: 7 -> 14 -> 28."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks (each optionally followed by attention) of one resolution."""
+
+    def __init__(self, in_chs: list[int], out_ch: int, time_dim: int, cfg: ModelConfig, attention: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResBlock(c, out_ch, time_dim, cfg.dropout, cfg.num_groups) for c in in_chs
+        )
+        self.attentions = nn.ModuleList(
+            AttentionBlock(out_ch, cfg.num_heads, cfg.num_groups) if attention else nn.Identity() for _ in in_chs
+        )
+
+
+class UNet(nn.Module):
+    """epsilon_theta(x_t, t) (or v, or x0): (B, 1, 28, 28) float, (B,) int64 -> (B, 1, 28, 28)."""
+
+    def __init__(self, cfg: ModelConfig, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        base = cfg.base_channels
+        time_dim = 4 * base
+        self.base_channels = base
+        self.time_mlp = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.input_conv = nn.Conv2d(in_channels, base, 3, padding=1)
+
+        # Down: each level's blocks, then a Downsample except after the last level.
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skip_chs, ch, resolution = [base], base, image_size
+        for level, mult in enumerate(cfg.channel_mult):
+            out_ch = base * mult
+            in_chs = [ch] + [out_ch] * (cfg.num_res_blocks - 1)
+            self.down.append(Level(in_chs, out_ch, time_dim, cfg, resolution in cfg.attention_resolutions))
+            ch = out_ch
+            skip_chs += [ch] * cfg.num_res_blocks
+            if level < len(cfg.channel_mult) - 1:
+                self.downsample.append(Downsample(ch))
+                skip_chs.append(ch)
+                resolution //= 2
+
+        self.mid_block1 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
+        self.mid_attention = AttentionBlock(ch, cfg.num_heads, cfg.num_groups)
+        self.mid_block2 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
+
+        # Up: num_res_blocks + 1 blocks per level, each taking one skip; Upsample between levels.
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            out_ch = base * mult
+            in_chs = []
+            for _ in range(cfg.num_res_blocks + 1):
+                in_chs.append(ch + skip_chs.pop())
+                ch = out_ch
+            self.up.append(Level(in_chs, out_ch, time_dim, cfg, resolution in cfg.attention_resolutions))
+            if level > 0:
+                self.upsample.append(Upsample(ch))
+                resolution *= 2
+
+        self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
+        self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, 1, 28, 28), t: (B,) timesteps -> (B, 1, 28, 28)."""
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, 4 * base)
+        h = self.input_conv(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block, attention in zip(level.blocks, level.attentions, strict=True):
+                h = attention(block(h, temb))
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attention(self.mid_block1(h, temb)), temb)
+        for i, level in enumerate(self.up):
+            for block, attention in zip(level.blocks, level.attentions, strict=True):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if i < len(self.upsample):
+                h = self.upsample[i](h)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,226 @@
+"""Sampling: the reverse step against the paper and diffusers, determinism, outputs, bad checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from helpers import digest
+from PIL import Image
+
+from ddpm_mnist.config import ScheduleConfig
+from ddpm_mnist.diffusion import ReverseSampler, spaced_timesteps
+from ddpm_mnist.sample import load_samples, sample_from_checkpoint
+from ddpm_mnist.schedule import make_betas, make_schedule
+
+PREDICTIONS = ["epsilon", "v", "x0"]
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(3))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("t", [999, 500, 1])
+def test_ancestral_step_matches_hand_computed_values(prediction: str, variance: str, t: int) -> None:
+    b = make_betas("linear", 1000)  # float64
+    abar = torch.cumprod(1 - b, 0)
+    x_t, output, z = inputs(t)
+    # Eq. (15) and its v and x0 counterparts, then Eq. (7), written out in float64
+    if prediction == "epsilon":
+        x0 = (x_t - (1 - abar[t]).sqrt() * output) / abar[t].sqrt()
+    elif prediction == "v":
+        x0 = abar[t].sqrt() * x_t - (1 - abar[t]).sqrt() * output
+    else:
+        x0 = output
+    x0 = x0.clamp(-1, 1)
+    mean = abar[t - 1].sqrt() * b[t] / (1 - abar[t]) * x0 + (1 - b[t]).sqrt() * (1 - abar[t - 1]) / (1 - abar[t]) * x_t
+    var = b[t] * (1 - abar[t - 1]) / (1 - abar[t]) if variance == "fixed_small" else b[t]
+    expected = mean + var.sqrt() * z
+    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 1000, prediction_type=prediction, variance_type=variance)
+    got = sampler.step(output.float(), t, x_t.float(), z.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unclipped_epsilon_step_is_algorithm_2_line_4() -> None:
+    """x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) + sigma_t z."""
+    b = make_betas("linear", 1000)
+    abar = torch.cumprod(1 - b, 0)
+    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 1000, clip_sample=False)
+    for t in (999, 300, 1):
+        x_t, eps, z = inputs(t)
+        sigma = (b[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt()
+        expected = (x_t - b[t] / (1 - abar[t]).sqrt() * eps) / (1 - b[t]).sqrt() + sigma * z
+        torch.testing.assert_close(sampler.step(eps.float(), t, x_t.float(), z.float()).double(), expected,
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_last_step_adds_no_noise_and_others_need_it() -> None:
+    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 1000)
+    assert sampler.timesteps[0] == 999 and sampler.timesteps[-1] == 0  # 0-indexed, T-1 down to 0
+    x_t, out, z = (v.float() for v in inputs(0))
+    assert torch.equal(sampler.step(out, 0, x_t, z), sampler.step(out, 0, x_t))
+    with pytest.raises(ValueError, match="adds noise"):
+        sampler.step(out, 5, x_t)
+
+
+def test_ddim_with_eta_1_on_every_step_is_the_ancestral_step() -> None:
+    """Song et al.: eta = 1 over all T steps gives DDPM's posterior with beta-tilde (no clipping)."""
+    schedule = make_schedule(ScheduleConfig())
+    ddpm = ReverseSampler(schedule, 1000, clip_sample=False)
+    ddim = ReverseSampler(schedule, 1000, sampler="ddim", eta=1.0, clip_sample=False)
+    for t in (999, 400, 3):
+        x_t, out, z = (v.float() for v in inputs(t))
+        torch.testing.assert_close(ddim.step(out, t, x_t, z), ddpm.step(out, t, x_t, z), rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_eta_0_is_deterministic_and_respaced() -> None:
+    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 50, sampler="ddim")
+    assert sampler.timesteps.tolist() == spaced_timesteps(1000, 50) == list(range(980, -1, -20))
+    assert not any(sampler.needs_noise)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ancestral_step_agrees_with_diffusers(prediction: str, variance: str, clip: bool, steps: int) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=DIFFUSERS_PREDICTION[prediction],
+        variance_type=variance, clip_sample=clip,
+    )
+    theirs.set_timesteps(steps)
+    ours = ReverseSampler(make_schedule(ScheduleConfig(beta_schedule="cosine")), steps, prediction_type=prediction,
+                          variance_type=variance, clip_sample=clip)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    for t in (int(ours.timesteps[0]), int(ours.timesteps[len(ours.timesteps) // 2]), int(ours.timesteps[-1])):
+        x_t, out, _ = (v.float() for v in inputs(t))
+        expected = theirs.step(out, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
+        torch.testing.assert_close(ours.step(out, t, x_t, z), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_step_agrees_with_diffusers(prediction: str, eta: float) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, prediction_type=DIFFUSERS_PREDICTION[prediction])
+    theirs.set_timesteps(20)
+    ours = ReverseSampler(make_schedule(ScheduleConfig()), 20, sampler="ddim", prediction_type=prediction, eta=eta)
+    for t in (int(ours.timesteps[0]), int(ours.timesteps[-1])):
+        x_t, out, _ = (v.float() for v in inputs(t))
+        expected = theirs.step(out, t, x_t, eta=eta, generator=torch.Generator().manual_seed(3)).prev_sample
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(ours.step(out, t, x_t, z if eta else None), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+
+    def run(name: str, **kwargs: object) -> Path:
+        return sample_from_checkpoint(ckpt, steps=20, out=tmp_path / f"{name}.png", tensor_path=tmp_path / f"{name}.pt",
+                                      **kwargs)
+
+    a = run("a", n=6, seed=1, batch_size=6)
+    b = run("b", n=6, seed=1, batch_size=6)
+    assert digest(a) == digest(b)
+    c = run("c", n=6, seed=1, batch_size=4)
+    assert torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "c.pt"))
+    assert digest(a) == digest(c)
+    run("d", n=6, seed=2)
+    assert not torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
+    # image k does not depend on how many images were asked for
+    run("e", n=2, seed=1)
+    assert torch.equal(load_samples(tmp_path / "e.pt"), load_samples(tmp_path / "a.pt")[:2])
+
+
+def test_outputs_have_the_right_count_and_shape(trained_run: Path, tmp_path: Path, capsys) -> None:
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    code, out, err = run_cli(
+        capsys, "sample", "--ckpt", ckpt, "--n", "10", "--steps", "20", "--batch-size", "4",
+        "--images-dir", tmp_path / "each", "--tensor", tmp_path / "all.npz", "--trajectory", tmp_path / "t.gif",
+    )
+    assert code == 0, err
+    grid = trained_run / "samples" / "ancestral20_seed0_n10.png"  # the default place
+    assert Image.open(grid).size == (4 * 30 + 2, 3 * 30 + 2)  # 4 x 3 grid of 28 px tiles with 2 px padding
+    files = sorted((tmp_path / "each").iterdir())
+    assert [f.name for f in files] == [f"{k:06d}.png" for k in range(10)]
+    assert Image.open(files[0]).size == (28, 28) and Image.open(files[0]).mode == "L"
+    with np.load(tmp_path / "all.npz") as data:
+        assert data["images"].shape == (10, 1, 28, 28) and data["images"].dtype == np.uint8
+        assert np.array_equal(np.asarray(Image.open(files[3])), data["images"][3, 0])
+    gif = Image.open(tmp_path / "t.gif")
+    assert gif.n_frames > 10
+    assert (tmp_path / "t_strip.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ddim_sampler_from_the_cli(trained_run: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--sampler", "ddim",
+                             "--steps", "10", "--n", "4", "--out", tmp_path / "g.png", "--no-ema")
+    assert code == 0, err
+    assert "ddim, 10 steps" in out and "raw weights" in out and (tmp_path / "g.png").exists()
+
+
+def expect_one_line_error(capsys, ckpt: Path, *extra: str) -> str:
+    code, out, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--steps", "2", "--n", "1", *extra)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_checkpoints_give_one_line_and_exit_code_2(trained_run: Path, tmp_path: Path, capsys) -> None:
+    good = trained_run / "checkpoints" / "latest.pt"
+    assert "no such checkpoint" in expect_one_line_error(capsys, tmp_path / "missing.pt")
+    assert "is a folder" in expect_one_line_error(capsys, tmp_path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00garbage" * 100)
+    assert "not a readable checkpoint" in expect_one_line_error(capsys, garbage)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:20_000])
+    assert "not a readable checkpoint" in expect_one_line_error(capsys, truncated)
+
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (print, ("this ran code",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "ddpm-mnist-checkpoint", "payload": Exploit()}, evil)
+    err = expect_one_line_error(capsys, evil)
+    assert "could run code" in err and "this ran code" not in capsys.readouterr().out
+
+    state = torch.load(good, weights_only=True)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": state["model"]}, other)
+    assert "not a ddpm-mnist checkpoint" in expect_one_line_error(capsys, other)
+    future = tmp_path / "future.pt"
+    torch.save({**state, "format_version": 99}, future)
+    assert "format version 99; this ddpm-mnist reads version 1" in expect_one_line_error(capsys, future)
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save({**state, "config": {**state["config"], "model": {**state["config"]["model"], "base_channels": 16}}},
+               mismatched)
+    assert "weights do not fit the model" in expect_one_line_error(capsys, mismatched)
+
+
+def test_bad_sample_arguments_give_one_line(trained_run: Path, tmp_path: Path, capsys) -> None:
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    assert "must end in .pt or .npz" in expect_one_line_error(capsys, ckpt, "--tensor", str(tmp_path / "x.txt"))
+    assert "sample.n: must be >= 1" in expect_one_line_error(capsys, ckpt, "--n", "0")
+    assert "sample.steps: must be <= schedule.num_timesteps" in expect_one_line_error(capsys, ckpt, "--steps", "5000")
+    assert "sample.sampler: must be one of" in expect_one_line_error(capsys, ckpt, "--sampler", "euler")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert "cannot write" in expect_one_line_error(capsys, ckpt, "--out", str(blocked / "g.png"))
+
+
+def test_unpickling_error_from_plain_pickle_is_reported(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    assert "error:" in expect_one_line_error(capsys, path)

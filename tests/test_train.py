@@ -1,0 +1,199 @@
+"""Training: a smoke run's outputs, exact resume, non-finite losses, run-folder safety, schedules."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
+from helpers import digest, smoke_run, weights
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ddpm_mnist.train as train_module
+from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
+from ddpm_mnist.config import Config, apply_overrides, config_from_dict
+from ddpm_mnist.errors import RunError
+from ddpm_mnist.train import ema_decay_at, lr_factor
+
+
+def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> None:
+    run_dir = smoke_run(smoke_cfg)
+    assert run_dir == smoke_cfg.run_dir
+    assert config_from_dict(
+        __import__("yaml").safe_load((run_dir / "config.yaml").read_text()), "config.yaml"
+    ) == smoke_cfg
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest.pt", "step_000000010.pt", "step_000000020.pt"]
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")  # weights_only=True
+    assert state["format"] == FORMAT and state["format_version"] == FORMAT_VERSION
+    assert state["step"] == 20 and state["epoch"] == 20 // (1000 // 32)
+    assert config_from_dict(state["config"], "ckpt") == smoke_cfg
+    for key in ("model", "ema", "optimizer", "lr_scheduler", "rng", "ema_num_averaged"):
+        assert key in state
+    assert state["ema_num_averaged"] == 20
+    assert state["optimizer"]["state"] and state["lr_scheduler"]["last_epoch"] == 20
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) == {"torch", "cuda", "train"}  # one per process
+    # latest.pt is the last numbered checkpoint
+    assert digest(run_dir / "checkpoints" / "latest.pt") == digest(run_dir / "checkpoints" / "step_000000020.pt")
+    # the EMA differs from the raw weights (it averages them)
+    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/ema_decay",
+                "train/loss_t_quarter1", "train/loss_t_quarter4"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert "samples/ema" in events.Tags()["images"] and "schedule" in events.Tags()["images"]
+    assert [e.step for e in events.Images("samples/ema")] == [10, 20]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000000010.png", "step_000000020.png"]
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses[-1] < losses[0]  # it learns, even in 20 steps
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config) -> None:
+    # dropout and the cosine lr make every source of state matter: RNG, optimiser, scheduler, EMA
+    sets = ["train.lr_schedule=cosine", "model.dropout=0.1", "train.checkpoint_every=8", "train.sample_every=0",
+            "train.steps=16"]
+    straight = smoke_run(smoke_cfg, *sets, "name=straight")
+    # a run stopped right after its step-8 checkpoint: the same folder as it was then
+    halves = smoke_cfg.run_dir.parent / "halves"
+    shutil.copytree(straight, halves)
+    checkpoints = halves / "checkpoints"
+    (checkpoints / "step_000000016.pt").unlink()
+    shutil.copyfile(checkpoints / "step_000000008.pt", checkpoints / "latest.pt")
+    smoke_run(smoke_cfg, *sets, "name=halves", resume=True)
+    assert load_checkpoint(checkpoints / "latest.pt")["step"] == 16
+    a, b = weights(straight), weights(halves)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_run_folder_is_not_overwritten_by_accident(smoke_cfg: Config) -> None:
+    run_dir = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    before = digest(run_dir / "checkpoints" / "latest.pt")
+    with pytest.raises(RunError, match="already holds a run: add --resume .* --overwrite"):
+        smoke_run(smoke_cfg, "train.steps=2")
+    assert digest(run_dir / "checkpoints" / "latest.pt") == before
+    with pytest.raises(RunError, match="the config's model differs"):
+        smoke_run(smoke_cfg, "train.steps=4", "model.base_channels=16", resume=True)
+    smoke_run(smoke_cfg, "train.steps=3", "train.sample_every=0", overwrite=True)
+    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 3
+    assert not (run_dir / "checkpoints" / "step_000000002.pt").exists()
+
+
+def test_cli_refuses_an_existing_run_with_exit_code_2(smoke_cfg: Config, capsys) -> None:
+    args = ["train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={smoke_cfg.out_dir}",
+            "--set", "train.steps=2"]
+    assert run_cli(capsys, *args)[0] == 0
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1
+
+
+def nan_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the training loss non-finite from call `calls` on (the model's math is untouched)."""
+    real = train_module.training_losses
+    count = {"n": 0}
+
+    def losses(*args: object, **kwargs: object) -> torch.Tensor:
+        count["n"] += 1
+        out = real(*args, **kwargs)
+        return out * math.nan if count["n"] > calls else out
+
+    monkeypatch.setattr(train_module, "training_losses", losses)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_cfg: Config, monkeypatch) -> None:
+    nan_after(12, monkeypatch)
+    with pytest.raises(RunError, match=r"diverged: non-finite loss or gradient between steps 11 and 15"):
+        smoke_run(smoke_cfg)
+    run_dir = smoke_cfg.run_dir
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run_dir / "checkpoints" / "step_000000020.pt").exists()
+
+
+def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
+    real = train_module.training_losses
+    count = {"n": 0}
+
+    def one_bad_step(*args: object, **kwargs: object) -> torch.Tensor:
+        count["n"] += 1
+        out = real(*args, **kwargs)
+        return out * math.inf if count["n"] == 7 else out
+
+    monkeypatch.setattr(train_module, "training_losses", one_bad_step)
+    run_dir = smoke_run(smoke_cfg, "train.nan_policy=skip")
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert state["step"] == 20 and state["ema_num_averaged"] == 19  # one update skipped
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/skipped_steps")][-1] == 1
+    assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "ddpm_mnist", "train", "--config", str(SMOKE), "--set", f"data.root={FIXTURE_ROOT}",
+           "--set", f"out_dir={tmp_path}", "--set", "train.steps=100000", "--set", "train.sample_every=0",
+           "--set", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "smoke" / "tensorboard").glob("events*")):
+        time.sleep(0.2)
+    time.sleep(2)  # some steps in
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "continue with --resume" in out
+    state = load_checkpoint(tmp_path / "smoke" / "checkpoints" / "latest.pt")
+    assert 0 < state["step"] < 100000
+
+
+def test_lr_warmup_then_cosine_to_the_floor() -> None:
+    factors = [lr_factor(s, warmup=4, total=14, kind="cosine", min_ratio=0.1) for s in range(14)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+    assert lr_factor(100, warmup=4, total=14, kind="constant", min_ratio=0.1) == 1.0
+
+
+def test_ema_decay_warms_up_to_the_configured_value() -> None:
+    assert ema_decay_at(1, 0.9999, True) == pytest.approx(2 / 11)
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999
+    assert ema_decay_at(1, 0.9999, False) == 0.9999
+
+
+def test_ema_update_is_the_lerp_of_the_formula() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    model = torch.nn.Linear(2, 2)
+    ema = AveragedModel(model, multi_avg_fn=train_module.ema_avg_fn(0.9, warmup=True), use_buffers=True)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)  # first update copies
+    assert torch.equal(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)  # n = 1: decay = min(0.9, 2/11)
+    d = 2 / 11
+    torch.testing.assert_close(ema.module.weight, d * (start + 1) + (1 - d) * (start + 2))
+
+
+def test_epochs_set_the_length(smoke_cfg: Config) -> None:
+    cfg = apply_overrides(smoke_cfg, ["train.steps=0", "train.epochs=1", "data.limit=128", "train.sample_every=0"])
+    run_dir = train_module.train(cfg)
+    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 128 // 32
