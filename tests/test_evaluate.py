@@ -1,0 +1,132 @@
+"""Metrics: the Frechet distance, Inception Score, class KL, memorisation, the classifier, ddpm eval."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURE_ROOT, run_cli
+
+from ddpm_mnist.classifier import classify, load_classifier
+from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
+from ddpm_mnist.evaluate import (
+    class_kl_from_uniform,
+    evaluate_images,
+    frechet_distance,
+    inception_score,
+    nearest_distances,
+)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def test_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_mnist(FIXTURE_ROOT, train=False, download=False)
+
+
+def test_shipped_classifier_reaches_its_accuracy_on_unseen_digits(classifier, test_digits) -> None:
+    images, labels = test_digits  # the first 1000 MNIST test digits: never trained on
+    _, probs = classify(classifier, to_model_range(images))
+    accuracy = (probs.argmax(1) == labels).double().mean().item()
+    assert accuracy >= 0.99
+
+
+def test_frechet_distance_matches_the_gaussian_closed_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200_000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(200_000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 1.0
+    # diagonal covariances: ||mu_a - mu_b||^2 + sum (sigma_a - sigma_b)^2 = 3 + (0 + 1 + 0.25)
+    assert frechet_distance(a, b) == pytest.approx(4.25, abs=0.05)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = 3
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+    k = (k / k.sum()).view(1, 1, 1, -1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.transpose(2, 3))
+
+
+def test_fid_mnist_is_zero_for_a_set_with_itself_and_grows_with_damage(classifier, test_digits) -> None:
+    images = to_model_range(test_digits[0])
+    reference, _ = classify(classifier, images)
+    assert frechet_distance(reference, reference) == pytest.approx(0.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(images.shape, generator=g)
+    noised = [frechet_distance(classify(classifier, (images + s * noise).clamp(-1, 1))[0], reference)
+              for s in (0.1, 0.3, 0.6)]
+    blurred = [frechet_distance(classify(classifier, blur(images, s))[0], reference) for s in (0.5, 1.0, 2.0)]
+    assert 0 < noised[0] < noised[1] < noised[2]
+    assert 0 < blurred[0] < blurred[1] < blurred[2]
+
+
+def test_inception_score_bounds() -> None:
+    assert inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1.0)  # no information
+    one_hot = torch.eye(10).repeat(5, 1)
+    assert inception_score(one_hot) == pytest.approx(10.0, rel=1e-6)  # confident and balanced
+    assert inception_score(torch.eye(10)[[3] * 50]) == pytest.approx(1.0)  # confident, one class
+
+
+def test_class_kl_is_zero_for_uniform_and_log10_for_one_class() -> None:
+    assert class_kl_from_uniform(torch.full((10,), 7)) == pytest.approx(0.0, abs=1e-12)
+    assert class_kl_from_uniform(torch.tensor([5, 0, 0, 0, 0, 0, 0, 0, 0, 0])) == pytest.approx(math.log(10))
+    assert class_kl_from_uniform(torch.tensor([2, 1, 1, 1, 1, 1, 1, 1, 1, 0])) > 0
+
+
+def test_nearest_distances_match_brute_force(test_digits) -> None:
+    images = test_digits[0]
+    queries, reference = images[:20], images[10:300]
+    got = nearest_distances(queries, reference, chunk=7)
+    brute = torch.cdist(queries.flatten(1).double() / 255, reference.flatten(1).double() / 255).min(1).values
+    torch.testing.assert_close(got.double(), brute, atol=1e-3, rtol=1e-4)
+    assert torch.all(got[10:] < 1e-3)  # queries 10..19 are in the reference
+
+
+def test_report_has_the_floor_at_the_same_n(classifier, test_digits) -> None:
+    images = test_digits[0][:40]
+    noisy = to_uint8((to_model_range(images) + 0.8 * torch.randn(images.shape)).clamp(-1, 1))
+    report = evaluate_images(noisy, FIXTURE_ROOT, download=False, classifier=classifier)
+    assert report["n"] == 40
+    assert sum(report["samples"]["class_histogram"]) == sum(report["floor"]["class_histogram"]) == 40
+    for key in ("fid_mnist", "inception_score", "confidence", "confident_share", "class_kl", "memorised_share"):
+        assert key in report["samples"] and key in report["floor"]
+    assert report["samples"]["fid_mnist"] > report["floor"]["fid_mnist"]  # noise is worse than real digits
+    copies = load_mnist(FIXTURE_ROOT, train=True, download=False)[0][:40]
+    assert evaluate_images(copies, FIXTURE_ROOT, download=False)["samples"]["memorised_share"] == 1.0
+
+
+def test_eval_command_on_a_samples_file_writes_json(trained_run: Path, tmp_path: Path, capsys) -> None:
+    tensor = tmp_path / "s.pt"
+    code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "24",
+                           "--steps", "5", "--tensor", tensor, "--out", tmp_path / "g.png")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", "--samples", tensor, "--data", FIXTURE_ROOT, "--json", tmp_path / "m.json")
+    assert code == 0, err
+    assert "fid_mnist" in out and "real floor" in out
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["n"] == 24 and report["source"] == {"samples": str(tensor)}
+    assert report["samples"]["fid_mnist"] > report["floor"]["fid_mnist"]  # 20 training steps are not digits yet
+
+
+def test_eval_command_samples_from_a_checkpoint(trained_run: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "12",
+                             "--steps", "4", "--json", tmp_path / "m.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["source"]["steps"] == 4 and report["n"] == 12
+
+
+def test_eval_needs_exactly_one_source(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "eval")
+    assert code == 2 and "give one of --ckpt" in err
+    code, _, err = run_cli(capsys, "eval", "--samples", tmp_path / "none.pt")
+    assert code == 2 and "no such samples file" in err
