@@ -1,0 +1,234 @@
+"""Benchmark ddpm-mnist's training step and reverse loop on this machine; print a table and JSON.
+
+    python scripts/bench.py [--config configs/cpu.yaml] [--device auto] [--json bench.json]
+
+Measured in one run, on one device:
+- training: images/s of the real training step (Trainer.train_step: the batch from the on-device
+  uint8 tensor, noising, forward, loss, backward, clipping, AdamW, EMA), and the same step fed by
+  a plain torch DataLoader over torchvision's MNIST with ToTensor and Normalize (the tutorial way);
+- the share of a step spent getting the batch;
+- achieved FLOP/s of the training step (FLOPs counted by torch.utils.flop_counter) as a fraction
+  of this machine's dense matmul rate in the same dtype, measured here;
+- sampling: the 1000-step reverse loop for one batch against 1000 bare model forwards at the same
+  batch size (the sampler's overhead ratio);
+- peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm_mnist.config import load_config
+from ddpm_mnist.device import autocast_dtype, cpu_has_native_bf16, pick_device
+from ddpm_mnist.diffusion import ReverseSampler, training_losses
+from ddpm_mnist.distributed import Dist
+from ddpm_mnist.rng import SAMPLE_NOISE
+from ddpm_mnist.sample import NoiseSource, generate
+from ddpm_mnist.train import Trainer
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Any, device: torch.device, repeat: int) -> float:
+    """Seconds per call of fn(), after one untimed call."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+    """This machine's dense matmul FLOP/s in `dtype` (best of a few runs of size x size x size)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = min(timed(lambda: a @ b, device, 5) for _ in range(3))
+    return 2 * size**3 / best
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def tutorial_loader(root: str, batch_size: int) -> Any:
+    """torchvision MNIST -> ToTensor -> Normalize((0.5,), (0.5,)) -> DataLoader(shuffle=True)."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    dataset = datasets.MNIST(root, train=True, download=False, transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+
+
+def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, Any]:
+    device, t = trainer.device, trainer.t
+    step = {"n": trainer.start_step}
+
+    def one_step() -> None:
+        trainer.train_step(step["n"])
+        step["n"] += 1
+
+    seconds = timed(one_step, device, steps)
+    batch_seconds = timed(lambda: trainer.batches.batch(step["n"]), device, steps)
+
+    # the same step, fed by the tutorial pipeline: the batch comes from the DataLoader instead
+    loader = iter(tutorial_loader(data_root, t.batch_size))
+    real_batch = trainer.batches.batch
+
+    def loader_batch(_: int) -> torch.Tensor:
+        x, _labels = next(loader)
+        return x.to(device, non_blocking=True)
+
+    trainer.batches.batch = loader_batch  # type: ignore[method-assign]
+    try:
+        loader_seconds = timed(one_step, device, steps)
+    finally:
+        trainer.batches.batch = real_batch  # type: ignore[method-assign]
+
+    x0 = trainer.batches.batch(0)
+    timesteps = torch.randint(0, trainer.schedule.num_timesteps, (t.batch_size,), device=device)
+    ctx = torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter, ctx:
+        training_losses(trainer.model, trainer.schedule, x0, timesteps, torch.randn_like(x0)).mean().backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    dtype = trainer.amp_dtype or torch.float32
+    peak = matmul_rate(device, dtype)
+    return {
+        "batch_size": t.batch_size,
+        "images_per_s": t.batch_size / seconds,
+        "step_ms": 1000 * seconds,
+        "tutorial_dataloader_images_per_s": t.batch_size / loader_seconds,
+        "speedup_over_tutorial_dataloader": loader_seconds / seconds,
+        "batch_fetch_share": batch_seconds / seconds,
+        "flops_per_step": flops,
+        "achieved_flops_per_s": flops / seconds,
+        "matmul_flops_per_s": peak,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "fraction_of_matmul_rate": flops / seconds / peak,
+    }
+
+
+def bench_sampling(trainer: Trainer, batch: int, steps: int) -> dict[str, Any]:
+    device, model = trainer.device, trainer.ema.module.eval()
+    reverse = ReverseSampler(trainer.schedule, steps, prediction_type=trainer.cfg.model.prediction_type,
+                             device=device)
+    noise = NoiseSource(0, SAMPLE_NOISE, range(batch), device)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    ctx = torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def bare_forwards() -> None:
+        with ctx:
+            for _ in range(steps):
+                model(x, t)
+
+    def reverse_loop() -> None:
+        generate(model, reverse, NoiseSource(0, SAMPLE_NOISE, range(batch), device), autocast=trainer.amp_dtype)
+
+    del noise
+    forwards = timed(bare_forwards, device, 1)
+    loop = timed(reverse_loop, device, 1)
+    return {
+        "batch_size": batch,
+        "steps": steps,
+        "reverse_loop_s": loop,
+        "bare_forwards_s": forwards,
+        "overhead_ratio": loop / forwards,
+        "images_per_s": batch / loop,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/cpu.yaml")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda (default: the config's)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="config override")
+    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--sample-batch", type=int, default=16)
+    parser.add_argument("--sample-steps", type=int, default=1000)
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, args.sets)
+    device = pick_device(args.device or cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    trainer = Trainer(cfg, Dist(), device, cfg.run_dir, None)
+    report: dict[str, Any] = {
+        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "torch": str(torch.__version__),
+        "device": str(device),
+        "precision": autocast_dtype(device, cfg.train.mixed_precision)[1],
+        "config": args.config,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "compile": cfg.train.compile,
+        "channels_last": cfg.train.channels_last,
+    }
+    report["training"] = bench_training(trainer, args.train_steps, cfg.data.root)
+    report["sampling"] = bench_sampling(trainer, args.sample_batch, args.sample_steps)
+    report["peak_memory_mb"] = peak_memory_mb(device)
+
+    tr, sa = report["training"], report["sampling"]
+    rows = [
+        ("device / precision", f"{report['device']} / {report['precision']}"),
+        ("model", f"{report['parameters']:,} parameters ({args.config})"),
+        ("training images/s", f"{tr['images_per_s']:.1f} (batch {tr['batch_size']})"),
+        ("  fed by a tutorial DataLoader", f"{tr['tutorial_dataloader_images_per_s']:.1f} images/s "
+                                           f"(ours is {tr['speedup_over_tutorial_dataloader']:.2f}x)"),
+        ("  share of a step getting the batch", f"{100 * tr['batch_fetch_share']:.2f}%"),
+        ("  achieved FLOP/s", f"{tr['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                              f"{100 * tr['fraction_of_matmul_rate']:.0f}% of this machine's {tr['matmul_dtype']} "
+                              f"matmul ({tr['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)"),
+        (f"sampling {sa['steps']} steps, batch {sa['batch_size']}", f"{sa['reverse_loop_s']:.2f} s "
+                                                                      f"({sa['images_per_s']:.2f} images/s)"),
+        (f"  {sa['steps']} bare forwards", f"{sa['bare_forwards_s']:.2f} s"),
+        ("  sampler overhead ratio", f"{sa['overhead_ratio']:.3f}"),
+        ("peak memory", f"{report['peak_memory_mb']:.0f} MB"),
+        ("machine", f"{report['machine']['cpu']}, {report['machine']['cores']} threads, torch {report['torch']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+        print(f"wrote {args.json}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
