@@ -115,6 +115,8 @@ class TrainConfig:
     sample_every: int = param(1000, "steps between preview grids (0: only at the end)", ge=0)
     preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
     preview_steps: int = param(50, "DDIM steps (eta 0) for preview grids", ge=1)
+    eval_every: int = param(0, "steps between classifier metrics of EMA samples in TensorBoard (0: off)", ge=0)
+    eval_n: int = param(256, "samples for those metrics (DDIM with train.preview_steps)", ge=2, le=10000)
     checkpoint_every: int = param(1000, "steps between checkpoints (0: only at the end)", ge=0)
     keep_checkpoints: int = param(3, "numbered checkpoints kept besides latest.pt", ge=1, le=10**6)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import ddpm_mnist
 from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.config import Config, dump_yaml, to_dict
-from ddpm_mnist.data import EpochBatches, load_mnist
+from ddpm_mnist.data import EpochBatches, load_mnist, to_model_range, to_uint8
 from ddpm_mnist.device import autocast_dtype, pick_device
 from ddpm_mnist.diffusion import ReverseSampler, training_losses
 from ddpm_mnist.distributed import (
@@ -42,7 +42,7 @@ from ddpm_mnist.distributed import (
     share_error,
 )
 from ddpm_mnist.errors import CheckpointError, RunError, UserError
-from ddpm_mnist.rng import DROPOUT, MODEL_INIT, PREVIEW_NOISE, TRAIN_NOISE, derive_seed
+from ddpm_mnist.rng import DROPOUT, EVAL_NOISE, MODEL_INIT, PREVIEW_NOISE, TRAIN_NOISE, derive_seed
 from ddpm_mnist.sample import NoiseSource, generate, save_grid
 from ddpm_mnist.schedule import make_schedule
 from ddpm_mnist.unet import UNet, count_parameters
@@ -247,6 +247,7 @@ class Trainer:
         )
         self.writer: SummaryWriter | None = None
         self.skipped = 0
+        self.eval_reference: tuple[nn.Module, torch.Tensor] | None = None  # classifier, test-set features
 
     def describe(self) -> str:
         """The run in one line: sizes, length, device, precision, batch and lr across processes."""
@@ -323,6 +324,9 @@ class Trainer:
                 if t.sample_every and step % t.sample_every == 0 and step != self.total_steps:
                     self.preview(step)
                     interval.started = time.perf_counter()
+                if t.eval_every and (step % t.eval_every == 0 or step == self.total_steps):
+                    self.evaluate(step)
+                    interval.started = time.perf_counter()
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == self.total_steps or stop_now:
                     self.save(step, interval)
                     interval.started = time.perf_counter()
@@ -360,6 +364,26 @@ class Trainer:
                           static=self.device.type == "cuda")
         grid = save_grid(images, self.run_dir / "samples" / f"step_{step:09d}.png")
         self.writer.add_image("samples/ema", grid, step)
+
+    def evaluate(self, step: int) -> None:
+        """Classifier metrics (evaluate.py) of train.eval_n EMA samples from fixed noise, to TensorBoard."""
+        if not self.ddp.is_main:
+            return
+        from ddpm_mnist.classifier import classify, load_classifier
+        from ddpm_mnist.evaluate import classifier_metrics
+
+        if self.eval_reference is None:
+            classifier = load_classifier(device=self.device)
+            test_images, _ = load_mnist(self.cfg.data.root, train=False, download=self.cfg.data.download)
+            self.eval_reference = classifier, classify(classifier, to_model_range(test_images))[0]
+        classifier, reference = self.eval_reference
+        self.ema.module.eval()
+        noise = NoiseSource(derive_seed(self.cfg.seed, EVAL_NOISE), EVAL_NOISE, range(self.t.eval_n), self.device)
+        images = generate(self.ema.module, self.preview_sampler, noise, autocast=self.amp_dtype,
+                          static=self.device.type == "cuda")
+        metrics = classifier_metrics(classifier, to_uint8(images.cpu()), reference)
+        for key in ("fid_mnist", "inception_score", "confidence", "class_kl"):
+            self.writer.add_scalar(f"eval/{key}", metrics[key], step)
 
     def save(self, step: int, interval: Interval) -> None:
         """A checkpoint (rank 0 writes it; every rank's RNG states go in), unless training diverged."""

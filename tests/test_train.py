@@ -197,3 +197,12 @@ def test_epochs_set_the_length(smoke_cfg: Config) -> None:
     cfg = apply_overrides(smoke_cfg, ["train.steps=0", "train.epochs=1", "data.limit=128", "train.sample_every=0"])
     run_dir = train_module.train(cfg)
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 128 // 32
+
+
+def test_periodic_evaluation_is_logged(smoke_cfg: Config) -> None:
+    run_dir = smoke_run(smoke_cfg, "train.eval_every=10", "train.eval_n=8", "train.sample_every=0")
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("fid_mnist", "inception_score", "confidence", "class_kl"):
+        assert [e.step for e in events.Scalars(f"eval/{key}")] == [10, 20], key
+    assert all(e.value > 0 for e in events.Scalars("eval/fid_mnist"))
