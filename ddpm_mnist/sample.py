@@ -90,16 +90,17 @@ def generate(
     if static and on_step is None:
         return StaticStep(model, sampler, x, autocast).run(noise, progress)
     batch = x.shape[0]
-    for i in range(sampler.num_steps):
-        t = sampler.timesteps[i].expand(batch)  # (B,)
-        with _autocast(x.device, autocast):
+    # one autocast context for the whole loop: the weights are cast to bf16 once, not every step
+    with _autocast(x.device, autocast):
+        for i in range(sampler.num_steps):
+            t = sampler.timesteps[i].expand(batch)  # (B,)
             output = model(x, t).float()
-        if on_step is not None:
-            on_step(i, sampler.timesteps[i], x, output)
-        z = noise.next() if sampler.needs_noise[i] else None
-        x = sampler.step_index(i, output, x, z)
-        if progress is not None:
-            progress(1)
+            if on_step is not None:
+                on_step(i, sampler.timesteps[i], x, output)
+            z = noise.next() if sampler.needs_noise[i] else None
+            x = sampler.step_index(i, output, x, z)  # float32 math: autocast leaves elementwise ops alone
+            if progress is not None:
+                progress(1)
     return x.clamp(-1, 1)
 
 
