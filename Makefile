@@ -2,6 +2,7 @@
 #   make demo   create .venv, install, fetch MNIST, train a small model, sample a grid
 #   make test   create .venv, install the dev extras, run the tests
 PYTHON ?= python3
+DEMO_STEPS ?= 800
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
@@ -28,9 +29,16 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check ddpm_mnist tests scripts
 
+# configs/cpu.yaml, shortened; --resume continues (or reuses) an earlier demo run
 demo: $(VENV)/.installed
-	scripts/fetch_mnist.sh data
-	$(BIN)/ddpm schedule --config configs/cpu.yaml --plot runs/schedule.png
+	PYTHON=$(BIN)/python scripts/fetch_mnist.sh data
+	$(BIN)/ddpm train --config configs/cpu.yaml --set name=demo --set train.steps=$(DEMO_STEPS) --resume
+	$(BIN)/ddpm sample --ckpt runs/demo/checkpoints/latest.pt --out runs/demo/samples.png \
+		--trajectory runs/demo/trajectory.gif
+	@echo "demo done: runs/demo/samples.png, runs/demo/trajectory.gif; tensorboard --logdir runs"
+
+bench: $(VENV)/.installed
+	$(BIN)/python scripts/bench.py
 
 clean-venv:
 	rm -rf $(VENV)
