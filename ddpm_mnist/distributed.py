@@ -88,11 +88,6 @@ def share_error(ddp: Dist, error: UserError | None) -> None:
         raise UserError(messages[0])
 
 
-def barrier(ddp: Dist) -> None:
-    if ddp.enabled:
-        dist.barrier(group=ddp.host_group)
-
-
 def parameters_digest(module: torch.nn.Module) -> str:
     """A hash of every parameter's bytes (to check that ranks hold the same weights)."""
     h = hashlib.sha256()
