@@ -353,15 +353,18 @@ class Trainer:
             return math.nan
         return log_interval(self.writer, bar, interval, step, self.optimizer, self.t, self.skipped)
 
+    def ema_samples(self, stream: int, n: int) -> torch.Tensor:
+        """n EMA samples from fixed noise (the same every call): DDIM with train.preview_steps, in [-1, 1]."""
+        self.ema.module.eval()
+        noise = NoiseSource(derive_seed(self.cfg.seed, stream), stream, range(n), self.device)
+        return generate(self.ema.module, self.preview_sampler, noise, autocast=self.amp_dtype,
+                        static=self.device.type == "cuda")
+
     def preview(self, step: int) -> None:
         """A grid of EMA samples from fixed noise (DDIM, train.preview_steps), to a PNG and TensorBoard."""
         if not self.ddp.is_main:
             return
-        self.ema.module.eval()
-        noise = NoiseSource(derive_seed(self.cfg.seed, PREVIEW_NOISE), PREVIEW_NOISE, range(self.t.preview_n),
-                            self.device)
-        images = generate(self.ema.module, self.preview_sampler, noise, autocast=self.amp_dtype,
-                          static=self.device.type == "cuda")
+        images = self.ema_samples(PREVIEW_NOISE, self.t.preview_n)
         grid = save_grid(images, self.run_dir / "samples" / f"step_{step:09d}.png")
         self.writer.add_image("samples/ema", grid, step)
 
@@ -377,10 +380,7 @@ class Trainer:
             test_images, _ = load_mnist(self.cfg.data.root, train=False, download=self.cfg.data.download)
             self.eval_reference = classifier, classify(classifier, to_model_range(test_images))[0]
         classifier, reference = self.eval_reference
-        self.ema.module.eval()
-        noise = NoiseSource(derive_seed(self.cfg.seed, EVAL_NOISE), EVAL_NOISE, range(self.t.eval_n), self.device)
-        images = generate(self.ema.module, self.preview_sampler, noise, autocast=self.amp_dtype,
-                          static=self.device.type == "cuda")
+        images = self.ema_samples(EVAL_NOISE, self.t.eval_n)
         metrics = classifier_metrics(classifier, to_uint8(images.cpu()), reference)
         for key in ("fid_mnist", "inception_score", "confidence", "class_kl"):
             self.writer.add_scalar(f"eval/{key}", metrics[key], step)
