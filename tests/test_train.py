@@ -193,6 +193,32 @@ def test_ema_update_is_the_lerp_of_the_formula() -> None:
     torch.testing.assert_close(ema.module.weight, d * (start + 1) + (1 - d) * (start + 2))
 
 
+def test_the_fused_optimiser_step_is_adamw(smoke_cfg: Config) -> None:
+    """The trainer's fused AdamW (one kernel on CPU and CUDA) moves the weights as the
+    per-parameter reference AdamW does, given the same (clipped) gradients."""
+    import copy
+
+    from ddpm_mnist.distributed import Dist
+
+    cfg = apply_overrides(smoke_cfg, ["train.weight_decay=0.01", "train.warmup_steps=0"])
+    trainer = train_module.Trainer(cfg, Dist(), torch.device("cpu"), cfg.run_dir, None)
+    assert trainer.optimizer.defaults["fused"] is True
+    for step in range(3):  # past the zero-initialised output layer, so that every weight has a gradient
+        trainer.train_step(step)
+    reference_model = copy.deepcopy(trainer.model)
+    reference = torch.optim.AdamW(reference_model.parameters(), foreach=False, fused=False)
+    reference.load_state_dict(copy.deepcopy(trainer.optimizer.state_dict()))  # moments, step, lr, betas, decay
+    reference.param_groups[0]["fused"] = False  # the saved groups would make it fused again
+    trainer.train_step(3)
+    for p, ref in zip(trainer.model.parameters(), reference_model.parameters(), strict=True):
+        ref.grad = p.grad.clone()
+    before = [ref.detach().clone() for ref in reference_model.parameters()]
+    reference.step()
+    for p, ref in zip(trainer.model.parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-7)
+    assert all(not torch.equal(ref, b) for ref, b in zip(reference_model.parameters(), before, strict=True))
+
+
 def test_epochs_set_the_length(smoke_cfg: Config) -> None:
     cfg = apply_overrides(smoke_cfg, ["train.steps=0", "train.epochs=1", "data.limit=128", "train.sample_every=0"])
     run_dir = train_module.train(cfg)
