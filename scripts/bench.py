@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import sys
@@ -26,16 +27,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+# before torch loads: a CUDA build of torch without a GPU has its profiler print "gpuGetDeviceCount failed"
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
-from ddpm_mnist.config import load_config
-from ddpm_mnist.device import autocast_dtype, cpu_has_native_bf16, pick_device
-from ddpm_mnist.diffusion import ReverseSampler, training_losses
-from ddpm_mnist.distributed import Dist
-from ddpm_mnist.rng import SAMPLE_NOISE
-from ddpm_mnist.sample import NoiseSource, generate
-from ddpm_mnist.train import Trainer
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from ddpm_mnist.config import load_config  # noqa: E402
+from ddpm_mnist.device import autocast_dtype, cpu_has_native_bf16, pick_device  # noqa: E402
+from ddpm_mnist.diffusion import ReverseSampler, training_losses  # noqa: E402
+from ddpm_mnist.distributed import Dist  # noqa: E402
+from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
+from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
+from ddpm_mnist.train import Trainer  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -60,6 +65,20 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> f
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = min(timed(lambda: a @ b, device, 5) for _ in range(3))
     return 2 * size**3 / best
+
+
+def convolution_seconds(fn: Any, device: torch.device, repeat: int) -> float:
+    """Seconds per call of fn() spent inside convolutions (forward and backward), from torch.profiler:
+    the self time of every op named *convolution* (on CUDA, the device time of their kernels)."""
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeat):
+            fn()
+        synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    microseconds = sum(getattr(e, attribute) for e in prof.key_averages() if "convolution" in e.key.lower())
+    return microseconds / 1e6 / repeat
 
 
 def cpu_name() -> str:
@@ -119,6 +138,8 @@ def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, An
         training_losses(trainer.model, trainer.schedule, x0, timesteps, torch.randn_like(x0)).mean().backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
+    conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+    conv_seconds = convolution_seconds(one_step, device, steps)
     dtype = trainer.amp_dtype or torch.float32
     peak = matmul_rate(device, dtype)
     return {
@@ -133,6 +154,10 @@ def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, An
         "matmul_flops_per_s": peak,
         "matmul_dtype": str(dtype).replace("torch.", ""),
         "fraction_of_matmul_rate": flops / seconds / peak,
+        # the convolutions alone: their share of the FLOPs and of the time, and their own rate
+        "convolution_flop_share": conv_flops / flops,
+        "convolution_time_share": conv_seconds / seconds,
+        "convolution_fraction_of_matmul_rate": conv_flops / conv_seconds / peak,
     }
 
 
@@ -211,6 +236,9 @@ def main() -> int:
         ("  achieved FLOP/s", f"{tr['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
                               f"{100 * tr['fraction_of_matmul_rate']:.0f}% of this machine's {tr['matmul_dtype']} "
                               f"matmul ({tr['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)"),
+        ("  of which convolutions", f"{100 * tr['convolution_flop_share']:.0f}% of the FLOPs in "
+                                    f"{100 * tr['convolution_time_share']:.0f}% of the time, at "
+                                    f"{100 * tr['convolution_fraction_of_matmul_rate']:.0f}% of matmul"),
         (f"sampling {sa['steps']} steps, batch {sa['batch_size']}", f"{sa['reverse_loop_s']:.2f} s "
                                                                       f"({sa['images_per_s']:.2f} images/s)"),
         (f"  {sa['steps']} bare forwards", f"{sa['bare_forwards_s']:.2f} s"),

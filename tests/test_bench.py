@@ -1,0 +1,39 @@
+"""scripts/bench.py runs end to end on the tiny config and reports every number the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FIXTURE_ROOT, ROOT, SMOKE
+
+
+def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
+    report_path = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(SMOKE), "--train-steps", "2",
+         "--sample-batch", "2", "--sample-steps", "3", "--json", str(report_path),
+         "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "gpuGetDeviceCount" not in done.stderr
+    report = json.loads(report_path.read_text())
+    training, sampling = report["training"], report["sampling"]
+    assert report["device"] == "cpu" and report["parameters"] > 0
+    assert training["batch_size"] == 32 and training["images_per_s"] > 0
+    assert training["tutorial_dataloader_images_per_s"] > 0
+    for share in ("batch_fetch_share", "convolution_time_share", "convolution_flop_share"):
+        assert 0 < training[share] < 1, share
+    # FLOPs: a tiny U-Net's forward and backward at batch 32, far below any machine's matmul rate
+    assert training["flops_per_step"] > 1e8
+    assert 0 < training["fraction_of_matmul_rate"] < 1
+    assert 0 < training["convolution_fraction_of_matmul_rate"] < 2
+    assert sampling["steps"] == 3 and sampling["batch_size"] == 2 and sampling["overhead_ratio"] > 0
+    assert report["peak_memory_mb"] > 0
+    for line in ("training images/s", "fed by a tutorial DataLoader", "of which convolutions",
+                 "sampler overhead ratio", "peak memory"):
+        assert line in done.stdout, line
+    assert not (tmp_path / "runs").exists()  # measuring writes no run folder
