@@ -12,6 +12,10 @@ Measured in one run, on one device:
 - sampling: the 1000-step reverse loop for one batch against 1000 bare model forwards at the same
   batch size (the sampler's overhead ratio);
 - peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
+
+Things compared with each other (our step and the tutorial one, the step and the matmul, the
+loop and the forwards) take turns in --rounds rounds and the best round of each counts: a shared
+machine's speed drifts from one minute to the next.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -49,8 +54,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Any, device: torch.device, repeat: int) -> float:
-    """Seconds per call of fn(), after one untimed call."""
-    fn()
+    """Seconds per call of fn() over `repeat` calls."""
     synchronize(device)
     start = time.perf_counter()
     for _ in range(repeat):
@@ -59,18 +63,33 @@ def timed(fn: Any, device: torch.device, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
-    """This machine's dense matmul FLOP/s in `dtype` (best of a few runs of size x size x size)."""
+def best_of(fns: dict[str, tuple[Any, int]], device: torch.device, rounds: int, warm_up: bool = True
+            ) -> dict[str, float]:
+    """Seconds per call of each fn (name -> (fn, calls per round)): the best of `rounds` rounds.
+
+    The fns take turns within each round, so that a slow minute on a shared machine hits the
+    things being compared alike, and the best round is the least disturbed one. With warm_up,
+    each fn is first called once, untimed (allocations, oneDNN's kernel choice).
+    """
+    for fn, _ in fns.values() if warm_up else ():
+        fn()
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(rounds):
+        for name, (fn, repeat) in fns.items():
+            best[name] = min(best[name], timed(fn, device, repeat))
+    return best
+
+
+def matmul(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[Any, float]:
+    """A size x size x size dense matmul in `dtype` and its FLOPs: this machine's reference rate."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = min(timed(lambda: a @ b, device, 5) for _ in range(3))
-    return 2 * size**3 / best
+    return (lambda: a @ b), 2.0 * size**3
 
 
 def convolution_seconds(fn: Any, device: torch.device, repeat: int) -> float:
     """Seconds per call of fn() spent inside convolutions (forward and backward), from torch.profiler:
     the self time of every op named *convolution* (on CUDA, the device time of their kernels)."""
-    fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(repeat):
@@ -106,7 +125,7 @@ def tutorial_loader(root: str, batch_size: int) -> Any:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
 
 
-def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, Any]:
+def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) -> dict[str, Any]:
     device, t = trainer.device, trainer.t
     step = {"n": trainer.start_step}
 
@@ -114,22 +133,32 @@ def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, An
         trainer.train_step(step["n"])
         step["n"] += 1
 
-    seconds = timed(one_step, device, steps)
-    batch_seconds = timed(lambda: trainer.batches.batch(step["n"]), device, steps)
-
     # the same step, fed by the tutorial pipeline: the batch comes from the DataLoader instead
-    loader = iter(tutorial_loader(data_root, t.batch_size))
+    tutorial = tutorial_loader(data_root, t.batch_size)
+    loader = {"it": iter(tutorial)}
     real_batch = trainer.batches.batch
 
     def loader_batch(_: int) -> torch.Tensor:
-        x, _labels = next(loader)
+        try:
+            x, _labels = next(loader["it"])
+        except StopIteration:  # a new epoch
+            loader["it"] = iter(tutorial)
+            x, _labels = next(loader["it"])
         return x.to(device, non_blocking=True)
 
-    trainer.batches.batch = loader_batch  # type: ignore[method-assign]
-    try:
-        loader_seconds = timed(one_step, device, steps)
-    finally:
-        trainer.batches.batch = real_batch  # type: ignore[method-assign]
+    def loader_step() -> None:
+        trainer.batches.batch = loader_batch  # type: ignore[method-assign]
+        try:
+            one_step()
+        finally:
+            trainer.batches.batch = real_batch  # type: ignore[method-assign]
+
+    dtype = trainer.amp_dtype or torch.float32
+    reference, matmul_flops = matmul(device, dtype)
+    best = best_of({"step": (one_step, steps), "tutorial_step": (loader_step, steps),
+                    "batch": (lambda: trainer.batches.batch(step["n"]), steps), "matmul": (reference, 5)},
+                   device, rounds)
+    seconds, peak = best["step"], matmul_flops / best["matmul"]
 
     x0 = trainer.batches.batch(0)
     timesteps = torch.randint(0, trainer.schedule.num_timesteps, (t.batch_size,), device=device)
@@ -140,15 +169,13 @@ def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, An
     flops = counter.get_total_flops()
     conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
     conv_seconds = convolution_seconds(one_step, device, steps)
-    dtype = trainer.amp_dtype or torch.float32
-    peak = matmul_rate(device, dtype)
     return {
         "batch_size": t.batch_size,
         "images_per_s": t.batch_size / seconds,
         "step_ms": 1000 * seconds,
-        "tutorial_dataloader_images_per_s": t.batch_size / loader_seconds,
-        "speedup_over_tutorial_dataloader": loader_seconds / seconds,
-        "batch_fetch_share": batch_seconds / seconds,
+        "tutorial_dataloader_images_per_s": t.batch_size / best["tutorial_step"],
+        "speedup_over_tutorial_dataloader": best["tutorial_step"] / seconds,
+        "batch_fetch_share": best["batch"] / seconds,
         "flops_per_step": flops,
         "achieved_flops_per_s": flops / seconds,
         "matmul_flops_per_s": peak,
@@ -161,11 +188,10 @@ def bench_training(trainer: Trainer, steps: int, data_root: str) -> dict[str, An
     }
 
 
-def bench_sampling(trainer: Trainer, batch: int, steps: int) -> dict[str, Any]:
+def bench_sampling(trainer: Trainer, batch: int, steps: int, rounds: int) -> dict[str, Any]:
     device, model = trainer.device, trainer.ema.module.eval()
     reverse = ReverseSampler(trainer.schedule, steps, prediction_type=trainer.cfg.model.prediction_type,
                              device=device)
-    noise = NoiseSource(0, SAMPLE_NOISE, range(batch), device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     ctx = torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else contextlib.nullcontext()
@@ -176,19 +202,21 @@ def bench_sampling(trainer: Trainer, batch: int, steps: int) -> dict[str, Any]:
             for _ in range(steps):
                 model(x, t)
 
-    def reverse_loop() -> None:
-        generate(model, reverse, NoiseSource(0, SAMPLE_NOISE, range(batch), device), autocast=trainer.amp_dtype)
+    def reverse_loop(sampler: ReverseSampler = reverse) -> None:
+        generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), autocast=trainer.amp_dtype)
 
-    del noise
-    forwards = timed(bare_forwards, device, 1)
-    loop = timed(reverse_loop, device, 1)
+    # warm up with a 10-step loop rather than a whole one
+    reverse_loop(ReverseSampler(trainer.schedule, 10, prediction_type=trainer.cfg.model.prediction_type,
+                                device=device))
+    best = best_of({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1)}, device, rounds, warm_up=False)
     return {
         "batch_size": batch,
         "steps": steps,
-        "reverse_loop_s": loop,
-        "bare_forwards_s": forwards,
-        "overhead_ratio": loop / forwards,
-        "images_per_s": batch / loop,
+        "rounds": rounds,
+        "reverse_loop_s": best["loop"],
+        "bare_forwards_s": best["forwards"],
+        "overhead_ratio": best["loop"] / best["forwards"],
+        "images_per_s": batch / best["loop"],
     }
 
 
@@ -197,7 +225,9 @@ def main() -> int:
     parser.add_argument("--config", default="configs/cpu.yaml")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda (default: the config's)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override")
-    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds in which the compared things take turns; the best round counts")
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -221,8 +251,8 @@ def main() -> int:
         "compile": cfg.train.compile,
         "channels_last": cfg.train.channels_last,
     }
-    report["training"] = bench_training(trainer, args.train_steps, cfg.data.root)
-    report["sampling"] = bench_sampling(trainer, args.sample_batch, args.sample_steps)
+    report["training"] = bench_training(trainer, args.train_steps, args.rounds, cfg.data.root)
+    report["sampling"] = bench_sampling(trainer, args.sample_batch, args.sample_steps, args.rounds)
     report["peak_memory_mb"] = peak_memory_mb(device)
 
     tr, sa = report["training"], report["sampling"]
