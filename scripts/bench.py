@@ -14,8 +14,8 @@ Measured in one run, on one device:
 - peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
 
 Things compared with each other (our step and the tutorial one, the step and the matmul, the
-loop and the forwards) take turns in --rounds rounds and the best round of each counts: a shared
-machine's speed drifts from one minute to the next.
+loop and the forwards) take turns in --rounds rounds: a ratio is the median of the ratios within
+a round, a speed the best round's, because a shared machine's speed drifts from minute to minute.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,21 +63,27 @@ def timed(fn: Any, device: torch.device, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def best_of(fns: dict[str, tuple[Any, int]], device: torch.device, rounds: int, warm_up: bool = True
-            ) -> dict[str, float]:
-    """Seconds per call of each fn (name -> (fn, calls per round)): the best of `rounds` rounds.
+def take_turns(fns: dict[str, tuple[Any, int]], device: torch.device, rounds: int, warm_up: bool = True
+               ) -> dict[str, list[float]]:
+    """Seconds per call of each fn (name -> (fn, calls per round)), round by round.
 
-    The fns take turns within each round, so that a slow minute on a shared machine hits the
-    things being compared alike, and the best round is the least disturbed one. With warm_up,
-    each fn is first called once, untimed (allocations, oneDNN's kernel choice).
+    The fns take turns within each round, so that the things compared run minutes (or seconds)
+    apart at most: on a shared machine, whose speed drifts, a ratio taken within one round is
+    fair where one taken across rounds is not. With warm_up, each fn is first called once,
+    untimed (allocations, oneDNN's kernel choice).
     """
     for fn, _ in fns.values() if warm_up else ():
         fn()
-    best = dict.fromkeys(fns, math.inf)
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, (fn, repeat) in fns.items():
-            best[name] = min(best[name], timed(fn, device, repeat))
-    return best
+            seconds[name].append(timed(fn, device, repeat))
+    return seconds
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator / denominator within a round."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def matmul(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[Any, float]:
@@ -155,10 +161,10 @@ def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) ->
 
     dtype = trainer.amp_dtype or torch.float32
     reference, matmul_flops = matmul(device, dtype)
-    best = best_of({"step": (one_step, steps), "tutorial_step": (loader_step, steps),
-                    "batch": (lambda: trainer.batches.batch(step["n"]), steps), "matmul": (reference, 5)},
-                   device, rounds)
-    seconds, peak = best["step"], matmul_flops / best["matmul"]
+    turns = take_turns({"step": (one_step, steps), "tutorial_step": (loader_step, steps),
+                        "batch": (lambda: trainer.batches.batch(step["n"]), steps), "matmul": (reference, 5)},
+                       device, rounds)
+    seconds, peak = min(turns["step"]), matmul_flops / min(turns["matmul"])
 
     x0 = trainer.batches.batch(0)
     timesteps = torch.randint(0, trainer.schedule.num_timesteps, (t.batch_size,), device=device)
@@ -173,14 +179,15 @@ def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) ->
         "batch_size": t.batch_size,
         "images_per_s": t.batch_size / seconds,
         "step_ms": 1000 * seconds,
-        "tutorial_dataloader_images_per_s": t.batch_size / best["tutorial_step"],
-        "speedup_over_tutorial_dataloader": best["tutorial_step"] / seconds,
-        "batch_fetch_share": best["batch"] / seconds,
+        "tutorial_dataloader_images_per_s": t.batch_size / min(turns["tutorial_step"]),
+        "speedup_over_tutorial_dataloader": ratio(turns["tutorial_step"], turns["step"]),
+        "batch_fetch_share": ratio(turns["batch"], turns["step"]),
         "flops_per_step": flops,
         "achieved_flops_per_s": flops / seconds,
         "matmul_flops_per_s": peak,
         "matmul_dtype": str(dtype).replace("torch.", ""),
-        "fraction_of_matmul_rate": flops / seconds / peak,
+        # FLOP/s of the step over FLOP/s of the matmul: matmul seconds x FLOP ratio, round by round
+        "fraction_of_matmul_rate": flops / matmul_flops * ratio(turns["matmul"], turns["step"]),
         # the convolutions alone: their share of the FLOPs and of the time, and their own rate
         "convolution_flop_share": conv_flops / flops,
         "convolution_time_share": conv_seconds / seconds,
@@ -208,15 +215,16 @@ def bench_sampling(trainer: Trainer, batch: int, steps: int, rounds: int) -> dic
     # warm up with a 10-step loop rather than a whole one
     reverse_loop(ReverseSampler(trainer.schedule, 10, prediction_type=trainer.cfg.model.prediction_type,
                                 device=device))
-    best = best_of({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1)}, device, rounds, warm_up=False)
+    turns = take_turns({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1)}, device, rounds, warm_up=False)
     return {
         "batch_size": batch,
         "steps": steps,
         "rounds": rounds,
-        "reverse_loop_s": best["loop"],
-        "bare_forwards_s": best["forwards"],
-        "overhead_ratio": best["loop"] / best["forwards"],
-        "images_per_s": batch / best["loop"],
+        "reverse_loop_s": min(turns["loop"]),
+        "bare_forwards_s": min(turns["forwards"]),
+        "overhead_ratio": ratio(turns["loop"], turns["forwards"]),
+        "overhead_ratio_per_round": [a / b for a, b in zip(turns["loop"], turns["forwards"], strict=True)],
+        "images_per_s": batch / min(turns["loop"]),
     }
 
 
@@ -227,7 +235,7 @@ def main() -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override")
     parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per round")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds in which the compared things take turns; the best round counts")
+                        help="rounds in which the compared things take turns (ratios: the median round)")
     parser.add_argument("--sample-batch", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")

@@ -32,6 +32,8 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     assert 0 < training["fraction_of_matmul_rate"] < 1
     assert 0 < training["convolution_fraction_of_matmul_rate"] < 2
     assert sampling["steps"] == 3 and sampling["batch_size"] == 2 and sampling["overhead_ratio"] > 0
+    per_round = sorted(sampling["overhead_ratio_per_round"])  # the default 3 rounds; the ratio is their median
+    assert len(per_round) == 3 and sampling["overhead_ratio"] == per_round[1]
     assert report["peak_memory_mb"] > 0
     for line in ("training images/s", "fed by a tutorial DataLoader", "of which convolutions",
                  "sampler overhead ratio", "peak memory"):
