@@ -25,7 +25,8 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     assert report["device"] == "cpu" and report["parameters"] > 0
     assert training["batch_size"] == 32 and training["images_per_s"] > 0
     assert training["tutorial_dataloader_images_per_s"] > 0
-    for share in ("batch_fetch_share", "convolution_time_share", "convolution_flop_share"):
+    for share in ("batch_fetch_share", "tutorial_batch_fetch_share", "convolution_time_share",
+                  "convolution_flop_share"):
         assert 0 < training[share] < 1, share
     # FLOPs: a tiny U-Net's forward and backward at batch 32, far below any machine's matmul rate
     assert training["flops_per_step"] > 1e8
