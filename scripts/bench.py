@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # before torch loads: a CUDA build of torch without a GPU has its profiler print "gpuGetDeviceCount failed"
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
@@ -43,6 +43,8 @@ from ddpm_mnist.config import load_config  # noqa: E402
 from ddpm_mnist.device import autocast_dtype, cpu_has_native_bf16, pick_device  # noqa: E402
 from ddpm_mnist.diffusion import ReverseSampler, training_losses  # noqa: E402
 from ddpm_mnist.distributed import Dist  # noqa: E402
+from ddpm_mnist.errors import UserError  # noqa: E402
+from ddpm_mnist.paths import ensure_writable  # noqa: E402
 from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
 from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
 from ddpm_mnist.train import Trainer  # noqa: E402
@@ -230,19 +232,42 @@ def bench_sampling(trainer: Trainer, batch: int, steps: int, rounds: int) -> dic
     }
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2 (argparse's own errors too)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def positive(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # type: ignore[method-assign]
     parser.add_argument("--config", default="configs/cpu.yaml")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda (default: the config's)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override")
-    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per round")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--train-steps", type=positive, default=20, help="timed training steps per round")
+    parser.add_argument("--rounds", type=positive, default=3,
                         help="rounds in which the compared things take turns (ratios: the median round)")
-    parser.add_argument("--sample-batch", type=int, default=16)
-    parser.add_argument("--sample-steps", type=int, default=1000)
+    parser.add_argument("--sample-batch", type=positive, default=16)
+    parser.add_argument("--sample-steps", type=positive, default=1000)
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
+    try:
+        return bench(args)
+    except UserError as exc:
+        fail(str(exc))
 
+
+def bench(args: argparse.Namespace) -> int:
+    """Measure, print the table, write the JSON; returns the exit code."""
+    if args.json:
+        ensure_writable(args.json)  # before minutes of measuring
     cfg = load_config(args.config, args.sets)
     device = pick_device(args.device or cfg.train.device)
     if device.type == "cuda":

@@ -40,3 +40,15 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
                  "sampler overhead ratio", "peak memory"):
         assert line in done.stdout, line
     assert not (tmp_path / "runs").exists()  # measuring writes no run folder
+
+
+def test_bench_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    for args, says in ((["--set", "train.lrr=1"], "did you mean train.lr"),
+                       ([], "MNIST not found"),  # the smoke config's relative data root, from tmp_path
+                       (["--rounds", "0"], "--rounds"),
+                       (["--json", str(SMOKE / "report.json")], "is a file, not a folder")):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(SMOKE), *args],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 2, args
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], done.stderr
