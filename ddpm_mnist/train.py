@@ -432,6 +432,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             rngs = state["rng"]
+            if not isinstance(rngs, list) or not all(isinstance(r, dict) for r in rngs):
+                raise TypeError("'rng' is not a list of one state per process")
             if len(rngs) == self.ddp.world_size:
                 mine = rngs[self.ddp.rank]
                 torch.set_rng_state(mine["torch"])

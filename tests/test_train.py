@@ -79,6 +79,19 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config) -> 
         assert torch.equal(a[key], b[key]), key
 
 
+def test_resume_refuses_a_damaged_training_state_in_one_line(smoke_cfg: Config, capsys) -> None:
+    run_dir = smoke_run(smoke_cfg, "train.steps=10", "train.sample_every=0")
+    latest = run_dir / "checkpoints" / "latest.pt"
+    state = torch.load(latest, weights_only=True)
+    state["rng"] = state["rng"][0]  # one process's dict where the list of them belongs
+    torch.save(state, latest)
+    config = run_dir / "config.yaml"
+    code, _, err = run_cli(capsys, "train", "--config", config, "--set", "train.steps=12", "--resume")
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {latest}: training state cannot be restored "
+                                        "('rng' is not a list of one state per process)"]
+
+
 def test_a_run_folder_is_not_overwritten_by_accident(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
     before = digest(run_dir / "checkpoints" / "latest.pt")
