@@ -14,8 +14,9 @@ Measured in one run, on one device:
 - peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
 
 Things compared with each other (our step and the tutorial one, the step and the matmul, the
-loop and the forwards) take turns in --rounds rounds: a ratio is the median of the ratios within
-a round, a speed the best round's, because a shared machine's speed drifts from minute to minute.
+loop and the forwards) take turns in --rounds rounds, because a shared machine's speed drifts from
+minute to minute: a speed (and the FLOP fraction, made of two) is the best round's, a share or an
+overhead ratio the median of the ratios within a round.
 """
 
 from __future__ import annotations
@@ -190,8 +191,7 @@ def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) ->
         "achieved_flops_per_s": flops / seconds,
         "matmul_flops_per_s": peak,
         "matmul_dtype": str(dtype).replace("torch.", ""),
-        # FLOP/s of the step over FLOP/s of the matmul: matmul seconds x FLOP ratio, round by round
-        "fraction_of_matmul_rate": flops / matmul_flops * ratio(turns["matmul"], turns["step"]),
+        "fraction_of_matmul_rate": flops / seconds / peak,
         # the convolutions alone: their share of the FLOPs and of the time, and their own rate
         "convolution_flop_share": conv_flops / flops,
         "convolution_time_share": conv_seconds / seconds,
@@ -220,14 +220,15 @@ def bench_sampling(trainer: Trainer, batch: int, steps: int, rounds: int) -> dic
     reverse_loop(ReverseSampler(trainer.schedule, 10, prediction_type=trainer.cfg.model.prediction_type,
                                 device=device))
     turns = take_turns({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1)}, device, rounds, warm_up=False)
+    per_round = [loop / forwards for loop, forwards in zip(turns["loop"], turns["forwards"], strict=True)]
     return {
         "batch_size": batch,
         "steps": steps,
         "rounds": rounds,
         "reverse_loop_s": min(turns["loop"]),
         "bare_forwards_s": min(turns["forwards"]),
-        "overhead_ratio": ratio(turns["loop"], turns["forwards"]),
-        "overhead_ratio_per_round": [a / b for a, b in zip(turns["loop"], turns["forwards"], strict=True)],
+        "overhead_ratio": statistics.median(per_round),
+        "overhead_ratio_per_round": per_round,
         "images_per_s": batch / min(turns["loop"]),
     }
 
@@ -239,7 +240,11 @@ def fail(message: str) -> NoReturn:
 
 
 def positive(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else 0
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
