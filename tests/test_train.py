@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddpm_mnist.train as train_module
 from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from ddpm_mnist.config import Config, apply_overrides, config_from_dict
+from ddpm_mnist.distributed import Dist
 from ddpm_mnist.errors import RunError
 from ddpm_mnist.train import ema_decay_at, lr_factor
 
@@ -209,10 +211,6 @@ def test_ema_update_is_the_lerp_of_the_formula() -> None:
 def test_the_fused_optimiser_step_is_adamw(smoke_cfg: Config) -> None:
     """The trainer's fused AdamW (one kernel on CPU and CUDA) moves the weights as the
     per-parameter reference AdamW does, given the same (clipped) gradients."""
-    import copy
-
-    from ddpm_mnist.distributed import Dist
-
     cfg = apply_overrides(smoke_cfg, ["train.weight_decay=0.01", "train.warmup_steps=0"])
     trainer = train_module.Trainer(cfg, Dist(), torch.device("cpu"), cfg.run_dir, None)
     assert trainer.optimizer.defaults["fused"] is True
