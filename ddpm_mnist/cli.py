@@ -60,7 +60,7 @@ def schedule(
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of beta, alpha-bar and sigma against t."),
 ) -> None:
     """Summarise a config's noise schedule; optionally write it as CSV and plot it."""
-    from ddpm_mnist.report import report_schedules
+    from ddpm_mnist.schedule_report import report_schedules
 
     configs = {}
     for path in config or [None]:
@@ -78,16 +78,24 @@ def schedule(
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config file (see configs/)."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in out_dir/name from its latest checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in out_dir/name from its latest checkpoint (or newest that loads)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in out_dir/name."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: train.device)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: runtime.device)."),
+    change_world_size: bool = typer.Option(
+        False, "--change-world-size", help="Let --resume continue on another number of torchrun processes."
+    ),
 ) -> None:
     """Train a DDPM on MNIST: checkpoints, TensorBoard logs and sample grids go to out_dir/name/."""
-    from ddpm_mnist.train import Interrupted
+    from ddpm_mnist.distributed import Interrupted
+    from ddpm_mnist.previews import training_hooks
     from ddpm_mnist.train import train as run_training
 
+    cfg = _config(config, set_)
     try:
-        run_training(_config(config, set_), resume=resume, overwrite=overwrite, device_name=device)
+        run_training(cfg, hooks=training_hooks(cfg), resume=resume, overwrite=overwrite, device_name=device,
+                     change_world_size=change_world_size)
     except Interrupted:
         raise SystemExit(130) from None
 
@@ -102,7 +110,7 @@ def sample(
     sampler: str = typer.Option(None, "--sampler", help="ancestral (Ho et al.) or ddim [default: ancestral]."),
     eta: float = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic [default: 0]."),
     ema: bool = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: train.device)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: runtime.device)."),
     out: Path = typer.Option(
         None, "--out", help="Grid PNG [default: <run>/samples/<sampler><steps>_seed<s>_n<n>.png]."
     ),
@@ -110,16 +118,16 @@ def sample(
     tensor: Path = typer.Option(None, "--tensor", help="Also write all images to one .pt or .npz file (uint8)."),
     trajectory: Path = typer.Option(None, "--trajectory", help="Also write a GIF of the denoising (and a strip PNG)."),
     set_: list[str] = typer.Option(
-        None, "--set", help="Override a stored config key, e.g. sample.variance_type=fixed_large."
+        None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
     ),
 ) -> None:
     """Sample images from a checkpoint with the reverse process (1000 ancestral steps by default)."""
-    from ddpm_mnist.sample import sample_from_checkpoint
+    from ddpm_mnist.sample_files import sample_from_checkpoint
 
-    sample_from_checkpoint(
-        ckpt, n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta, use_ema=ema,
-        device_name=device, out=out, images_dir=images_dir, tensor_path=tensor, trajectory=trajectory, overrides=set_,
-    )
+    options = {"n": n, "steps": steps, "seed": seed, "batch_size": batch_size, "sampler": sampler, "eta": eta,
+               "use_ema": ema}
+    sample_from_checkpoint(ckpt, options=options, device_name=device, out=out, images_dir=images_dir,
+                           tensor_path=tensor, trajectory=trajectory, overrides=set_)
 
 
 @app.command("eval")
@@ -134,13 +142,16 @@ def eval_(
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ [default: data.root of the run]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a stored config key, e.g. sample.eta=0.5."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
+    ),
 ) -> None:
     """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
     from ddpm_mnist.evaluate import evaluate
 
-    evaluate(ckpt, samples, n=n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, device_name=device,
-             data_root=data, json_path=json_path, overrides=set_)
+    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size}
+    evaluate(ckpt, samples, options=options, device_name=device, data_root=data, json_path=json_path,
+             overrides=set_)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,4 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # the environment refused a file operation no check foresaw (a disk filling up)
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(2)

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,17 @@ def param(
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and in what precision every command (train, sample, eval, bench) runs."""
+
+    device: str = param("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    mixed_precision: str = param(
+        "auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16) | bf16 | fp32",
+        choices=("auto", "bf16", "fp32"),
+    )
 
 
 @dataclass
@@ -101,11 +113,6 @@ class TrainConfig:
     loss: str = param("mse", "mse | l1 | huber, on the prediction target", choices=("mse", "l1", "huber"))
     ema_decay: float = param(0.9999, "EMA decay of the weights used for sampling", ge=0, lt=1)
     ema_warmup: bool = param(True, "EMA decay min(ema_decay, (1+n)/(10+n)) so early samples are not blank")
-    device: str = param("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
-    mixed_precision: str = param(
-        "auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16) | bf16 | fp32",
-        choices=("auto", "bf16", "fp32"),
-    )
     compile: bool = param(False, "torch.compile the model for training")
     channels_last: bool = param(False, "channels_last memory format")
     nan_policy: str = param(
@@ -148,6 +155,7 @@ class Config:
     name: str = param("mnist", "run name: outputs go to out_dir/name/")
     out_dir: str = param("runs", "folder holding run folders")
     seed: int = param(0, "seed for weights, data order, timesteps and noise", ge=0, le=2**63 - 1)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +169,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
+    "runtime": RuntimeConfig,
     "data": DataConfig,
     "schedule": ScheduleConfig,
     "model": ModelConfig,
@@ -169,10 +178,56 @@ SECTIONS: dict[str, type] = {
 }
 
 
+# Keys that moved to another section: a config file that still uses the old place is told the new one.
+MOVED_KEYS = {"train.device": "runtime.device", "train.mixed_precision": "runtime.mixed_precision"}
+# What `ddpm sample` and `ddpm eval` may override: how to sample and where to run, never the trained model.
+SAMPLE_TIME_KEYS = ("sample.", "runtime.", "seed")
+MAX_DEPTH = 8  # a config is sections of keys holding at most a list: anything deeper is not a config
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+    """SafeLoader for configs: `1e-4` is a float, dates stay strings, and aliases, duplicate keys
+    and deep nesting are refused (a config needs none of them; an alias bomb needs all three)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not allowed in a config", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_describe(key)} (lines {seen[key]} and {line})", key_node.start_mark
+                )
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads 2001-12-01 as a date: configs have no dates, and a run named like one is a string
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -188,7 +243,7 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text with the config loader; a syntax error becomes one ConfigError line."""
+    """Parse YAML text with the config loader; any failure becomes one ConfigError line."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
@@ -196,14 +251,34 @@ def parse_yaml(text: str, source: str) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    except (ValueError, OverflowError) as exc:  # `!!float abc`, an integer of 5000 digits
+        raise ConfigError(f"{source}: not a value a config can hold: {_first_line(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deep to be a config") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return _describe_text(text.splitlines()[0] if text else type(exc).__name__)
+
+
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 2, 4, 4, 50, 40, 50
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A short repr for error messages: bounded in length and depth, whatever the value."""
+    return _SHORT.repr(value)
 
 
-def _check_range(value: float, key: str, meta: dict, source: str) -> None:
+def _describe_text(text: str) -> str:
+    """Text for an error message: unprintable characters escaped, at most 120 characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:200])
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_range(value: float, key: str, meta: dict, source: str, shown: Any = None) -> None:
+    """Check value against the field's bounds; the message shows `shown` (the value as written) if given."""
     bounds = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
     for name, sign in bounds:
         bound = meta[name]
@@ -211,7 +286,42 @@ def _check_range(value: float, key: str, meta: dict, source: str) -> None:
             continue
         ok = {"ge": value >= bound, "gt": value > bound, "le": value <= bound, "lt": value < bound}
         if not ok[name]:
-            raise ConfigError(f"{source}: {key}: must be {sign} {bound:g}, got {_describe(value)}")
+            written = value if shown is None else shown
+            raise ConfigError(f"{source}: {key}: must be {sign} {bound:g}, got {_describe(written)}")
+
+
+def _coerce_number(value: Any, kind: type, key: str, meta: dict, source: str) -> Any:
+    """An int field, or a float field (which also takes an int), range-checked."""
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: must be an integer, got {_describe(value)}")
+        _check_range(value, key, meta, source)
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: {key}: must be a number, got {_describe(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: {key}: must be a finite number, got {_describe(value)}")
+    _check_range(number, key, meta, source, shown=value)
+    return number
+
+
+def _coerce_string(value: Any, key: str, meta: dict, source: str) -> str:
+    if isinstance(value, bool):
+        raise ConfigError(
+            f"{source}: {key}: must be a string, got {_describe(value)} "
+            "(YAML reads unquoted yes/no/on/off as booleans; quote the value)"
+        )
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{source}: {key}: must be a non-empty string, got {_describe(value)}")
+    if "\x00" in value:
+        raise ConfigError(f"{source}: {key}: must not contain a NUL character, got {_describe(value)}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{source}: {key}: must be one of {', '.join(meta['choices'])}; got {_describe(value)}")
+    return value
 
 
 def _coerce(value: Any, kind: Any, key: str, meta: dict, source: str) -> Any:
@@ -220,31 +330,10 @@ def _coerce(value: Any, kind: Any, key: str, meta: dict, source: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key}: must be true or false, got {_describe(value)}")
         return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: must be an integer, got {_describe(value)}")
-        _check_range(value, key, meta, source)
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: must be a number, got {_describe(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{source}: {key}: must be a finite number, got {_describe(value)}")
-        _check_range(value, key, meta, source)
-        return float(value)
+    if kind in (int, float):
+        return _coerce_number(value, kind, key, meta, source)
     if kind is str:
-        if isinstance(value, bool):
-            raise ConfigError(
-                f"{source}: {key}: must be a string, got {_describe(value)} "
-                "(YAML reads unquoted yes/no/on/off as booleans; quote the value)"
-            )
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{source}: {key}: must be a non-empty string, got {_describe(value)}")
-        if meta["choices"] and value not in meta["choices"]:
-            raise ConfigError(
-                f"{source}: {key}: must be one of {', '.join(meta['choices'])}; got {_describe(value)}"
-            )
-        return value
+        return _coerce_string(value, key, meta, source)
     if typing.get_origin(kind) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: must be a list of integers, got {_describe(value)}")
@@ -253,11 +342,15 @@ def _coerce(value: Any, kind: Any, key: str, meta: dict, source: str) -> Any:
 
 
 def _unknown_key(key: str, allowed: list[str], prefix: str, source: str) -> ConfigError:
+    moved = MOVED_KEYS.get(f"{prefix}{key}")
+    if moved:
+        return ConfigError(
+            f"{source}: {prefix}{key}: moved to {moved} (it applies to every command, not only training); "
+            f"rename it"
+        )
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
-    return ConfigError(
-        f"{source}: {prefix}{key}: unknown key; {hint}allowed: {', '.join(allowed)}"
-    )
+    return ConfigError(f"{source}: {prefix}{_describe_text(key)}: unknown key; {hint}allowed: {', '.join(allowed)}")
 
 
 def _build_section(cls: type, values: Any, section: str, source: str) -> Any:
@@ -268,7 +361,7 @@ def _build_section(cls: type, values: Any, section: str, source: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if not isinstance(key, str) or key not in fields:
-            raise _unknown_key(str(key), list(fields), f"{section}.", source)
+            raise _unknown_key(_describe(key) if not isinstance(key, str) else key, list(fields), f"{section}.", source)
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", fields[key].metadata, source)
     return cls(**kwargs)
 
@@ -288,7 +381,7 @@ def config_from_dict(raw: Any, source: str, *, check: bool = True) -> Config:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or key not in top:
-            raise _unknown_key(str(key), list(top), "", source)
+            raise _unknown_key(_describe(key) if not isinstance(key, str) else key, list(top), "", source)
         if key in SECTIONS:
             kwargs[key] = _build_section(SECTIONS[key], value, key, source)
         else:
@@ -301,64 +394,72 @@ def config_from_dict(raw: Any, source: str, *, check: bool = True) -> Config:
 
 def validate(cfg: Config, source: str) -> None:
     """Checks that involve more than one field."""
-    s, m, t, smp = cfg.schedule, cfg.model, cfg.train, cfg.sample
-    if s.beta_schedule != "cosine" and s.beta_start > s.beta_end:
+    _validate_schedule(cfg, source)
+    _validate_model(cfg.model, source)
+    _validate_lengths(cfg, source)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
         raise ConfigError(
-            f"{source}: schedule.beta_start: must be <= schedule.beta_end ({s.beta_end:g}), "
-            f"got {s.beta_start:g}"
+            f"{source}: name: must be a folder name of letters, digits, '.', '_' or '-', got {_describe(cfg.name)}"
         )
-    if s.rescale_zero_terminal_snr and m.prediction_type == "epsilon":
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", cfg.runtime.device):
+        raise ConfigError(
+            f"{source}: runtime.device: must be auto, cpu, cuda, cuda:N or mps, got {_describe(cfg.runtime.device)}"
+        )
+
+
+def _validate_schedule(cfg: Config, source: str) -> None:
+    schedule = cfg.schedule
+    if schedule.beta_schedule != "cosine" and schedule.beta_start > schedule.beta_end:
+        raise ConfigError(
+            f"{source}: schedule.beta_start: must be <= schedule.beta_end ({schedule.beta_end:g}), "
+            f"got {schedule.beta_start:g}"
+        )
+    if schedule.rescale_zero_terminal_snr and cfg.model.prediction_type == "epsilon":
         raise ConfigError(
             f"{source}: schedule.rescale_zero_terminal_snr: needs model.prediction_type v or x0 "
             "(at zero terminal SNR an epsilon prediction carries no information about x0)"
         )
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
+
+
+def _validate_model(model: ModelConfig, source: str) -> None:
+    if not 1 <= len(model.channel_mult) <= 3:
         raise ConfigError(
-            f"{source}: name: must be a folder name of letters, digits, '.', '_' or '-', "
-            f"got {_describe(cfg.name)}"
+            f"{source}: model.channel_mult: must list 1 to 3 levels (28, 14, 7), got {model.channel_mult}"
         )
-    if not 1 <= len(m.channel_mult) <= 3:
-        raise ConfigError(
-            f"{source}: model.channel_mult: must list 1 to 3 levels (28, 14, 7), got {m.channel_mult}"
-        )
-    if any(not 1 <= c <= 64 for c in m.channel_mult):
-        raise ConfigError(f"{source}: model.channel_mult: each must be in 1..64, got {m.channel_mult}")
-    resolutions = [IMAGE_SIZE // 2**level for level in range(len(m.channel_mult))]
-    for r in m.attention_resolutions:
+    if any(not 1 <= c <= 64 for c in model.channel_mult):
+        raise ConfigError(f"{source}: model.channel_mult: each must be in 1..64, got {model.channel_mult}")
+    resolutions = [IMAGE_SIZE // 2**level for level in range(len(model.channel_mult))]
+    for r in model.attention_resolutions:
         if r not in resolutions:
             raise ConfigError(
                 f"{source}: model.attention_resolutions: {r} is not a level of this U-Net; "
                 f"allowed: {', '.join(map(str, resolutions))}"
             )
-    for c in {m.base_channels * k for k in m.channel_mult}:
-        if c % m.num_groups:
+    for c in {model.base_channels * k for k in model.channel_mult}:
+        if c % model.num_groups:
             raise ConfigError(
-                f"{source}: model.num_groups: {m.num_groups} must divide every channel count "
+                f"{source}: model.num_groups: {model.num_groups} must divide every channel count "
                 f"(base_channels * channel_mult gives {c})"
             )
-        if m.attention_resolutions and c % m.num_heads:
+        if model.attention_resolutions and c % model.num_heads:
             raise ConfigError(
-                f"{source}: model.num_heads: {m.num_heads} must divide every channel count, "
-                f"got {c} channels"
+                f"{source}: model.num_heads: {model.num_heads} must divide every channel count, got {c} channels"
             )
-    if (t.steps > 0) == (t.epochs > 0):
+
+
+def _validate_lengths(cfg: Config, source: str) -> None:
+    """train.steps or train.epochs, and step counts that fit the schedule's T."""
+    training, T = cfg.train, cfg.schedule.num_timesteps
+    if (training.steps > 0) == (training.epochs > 0):
         raise ConfigError(
             f"{source}: train.epochs: exactly one of train.steps and train.epochs must be positive, "
-            f"got steps={t.steps}, epochs={t.epochs} (to train by epochs, set steps: 0)"
+            f"got steps={training.steps}, epochs={training.epochs} (to train by epochs, set steps: 0)"
         )
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", t.device):
+    if cfg.sample.steps > T:
+        raise ConfigError(f"{source}: sample.steps: must be <= schedule.num_timesteps ({T}), got {cfg.sample.steps}")
+    if training.preview_steps > T:
         raise ConfigError(
-            f"{source}: train.device: must be auto, cpu, cuda, cuda:N or mps, got {_describe(t.device)}"
-        )
-    if smp.steps > s.num_timesteps:
-        raise ConfigError(
-            f"{source}: sample.steps: must be <= schedule.num_timesteps ({s.num_timesteps}), "
-            f"got {smp.steps}"
-        )
-    if t.preview_steps > s.num_timesteps:
-        raise ConfigError(
-            f"{source}: train.preview_steps: must be <= schedule.num_timesteps "
-            f"({s.num_timesteps}), got {t.preview_steps}"
+            f"{source}: train.preview_steps: must be <= schedule.num_timesteps ({T}), got {training.preview_steps}"
         )
 
 
@@ -371,8 +472,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {_first_line(exc)}") from None
     raw = parse_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path}: file is empty; a config is a YAML mapping of sections")
@@ -383,35 +484,67 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
-def apply_overrides(cfg: Config, overrides: list[str], source: str = "config") -> Config:
+def _override_target(key: str, where: str) -> tuple[Any, dict, str, str | None]:
+    """The type, the field's metadata, and (section, name) of a `--set` key."""
+    parts = key.split(".")
+    if not all(parts) or len(parts) > 2:
+        raise ConfigError(f"{where}: expected key=value or section.key=value, e.g. train.lr=1e-4")
+    if len(parts) == 1:
+        top = {f.name: f for f in dataclasses.fields(Config) if f.name not in SECTIONS}
+        if parts[0] not in top:
+            raise _unknown_key(parts[0], list(top), "", where)
+        return typing.get_type_hints(Config)[parts[0]], top[parts[0]].metadata, parts[0], None
+    section, name = parts
+    if section not in SECTIONS:
+        raise _unknown_key(section, list(SECTIONS), "", where)
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    if name not in fields:
+        raise _unknown_key(name, list(fields), f"{section}.", where)
+    return typing.get_type_hints(SECTIONS[section])[name], fields[name].metadata, name, section
+
+
+def apply_overrides(
+    cfg: Config, overrides: list[str], source: str = "config", *, allowed: tuple[str, ...] | None = None
+) -> Config:
     """Apply `--set key=value` strings (value parsed as YAML, checked like the file) and re-validate.
 
     Each override is checked on its own (so the error names it); checks that involve several
     keys run once all overrides are in, so `beta_start` and `beta_end` can be moved together.
+    `allowed` limits the keys (prefixes such as "sample."): at sample time the trained model's
+    keys are not the user's to change.
     """
     raw = to_dict(cfg)
     for item in overrides:
-        where = f"--set {item}"
+        where = f"--set {_describe_text(item)}"
         key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts) or len(parts) > 2:
+        key = key.strip()
+        if not sep:
             raise ConfigError(f"{where}: expected key=value or section.key=value, e.g. train.lr=1e-4")
-        value = parse_yaml(text, where)
-        if len(parts) == 1:
-            top = {f.name: f for f in dataclasses.fields(Config) if f.name not in SECTIONS}
-            if parts[0] not in top:
-                raise _unknown_key(parts[0], list(top), "", where)
-            hint, meta, target = typing.get_type_hints(Config)[parts[0]], top[parts[0]].metadata, raw
-        else:
-            section, name = parts
-            if section not in SECTIONS:
-                raise _unknown_key(section, list(SECTIONS), "", where)
-            fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
-            if name not in fields:
-                raise _unknown_key(name, list(fields), f"{section}.", where)
-            hint, meta, target = typing.get_type_hints(SECTIONS[section])[name], fields[name].metadata, raw[section]
-        target[parts[-1]] = _coerce(value, hint, key.strip(), meta, where)
+        hint, meta, name, section = _override_target(key, where)
+        if allowed is not None and not any(key == p or (p.endswith(".") and key.startswith(p)) for p in allowed):
+            raise ConfigError(
+                f"{where}: {key} belongs to the trained model and cannot change at sample time; "
+                f"only {', '.join(p + '*' if p.endswith('.') else p for p in allowed)} can"
+            )
+        target = raw if section is None else raw[section]
+        target[name] = _coerce(parse_yaml(text, where), hint, key, meta, where)
     return config_from_dict(raw, f"{source} with --set")
+
+
+def with_sample_options(cfg: Config, *, seed: int | None = None, **sample: Any) -> Config:
+    """The config with typed sample-time options (None: keep the config's value), validated."""
+    chosen = {key: value for key, value in sample.items() if value is not None}
+    raw = to_dict(cfg)
+    for key, value in chosen.items():
+        field_ = next((f for f in dataclasses.fields(SampleConfig) if f.name == key), None)
+        if field_ is None:
+            raise TypeError(f"unknown sample option {key!r}")  # a bug in the caller, not input
+        raw["sample"][key] = _coerce(value, typing.get_type_hints(SampleConfig)[key], f"sample.{key}",
+                                     field_.metadata, f"--{key.replace('_', '-')}")
+    if seed is not None:
+        raw["seed"] = _coerce(seed, int, "seed", {f.name: f for f in dataclasses.fields(Config)}["seed"].metadata,
+                              "--seed")
+    return config_from_dict(raw, "the sample options")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

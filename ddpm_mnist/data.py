@@ -7,7 +7,10 @@ the model sees float32 `x = u / 127.5 - 1`, in [-1, 1]. `to_uint8` is the exact 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -15,13 +18,58 @@ import torch
 from ddpm_mnist.errors import DataError
 from ddpm_mnist.rng import DATA_ORDER, derive_seed
 
-# The four raw IDX files torchvision's MNIST reads from <root>/MNIST/raw/, with their MD5s.
-MNIST_FILES = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
+# The four raw IDX files torchvision's MNIST reads from <root>/MNIST/raw/.
+MNIST_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+)
+CHECKSUMS = "mnist.md5"  # in the package's assets: the MD5s of each known set of the four files
+_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> MD5, so a process hashes a file once
+
+
+@cache
+def known_sets() -> dict[str, dict[str, str]]:
+    """set name -> file name -> MD5, from assets/mnist.md5 (shared with scripts/fetch_mnist.sh)."""
+    sets: dict[str, dict[str, str]] = {}
+    text = (resources.files("ddpm_mnist") / "assets" / CHECKSUMS).read_text()
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, file, md5 = line.split()
+            sets.setdefault(name, {})[file] = md5
+    return sets
+
+
+def file_md5(path: Path) -> str:
+    """The file's MD5 (0.1 s for the 47 MB training images), computed once per process per version of it."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def verify_mnist(raw: Path) -> str:
+    """Check the four files against the known sets; return the set's name, or raise one DataError line."""
+    digests = {name: file_md5(raw / name) for name in MNIST_FILES}
+    for set_name, expected in known_sets().items():
+        if digests == expected:
+            return set_name
+    published = known_sets()["mnist"]
+    for name in MNIST_FILES:
+        if all(digests[name] != files[name] for files in known_sets().values()):
+            twin = next((other for files in known_sets().values() for other, md5 in files.items()
+                         if md5 == digests[name]), None)
+            what = f"that of {twin}" if twin else "damaged, or not MNIST"
+            raise DataError(
+                f"MNIST file {raw / name} has MD5 {digests[name]} ({what}), not the published {published[name]}: "
+                f"fetch it again with scripts/fetch_mnist.sh"
+            )
+    raise DataError(
+        f"the MNIST files in {raw} mix files of different sets ({', '.join(known_sets())}): fetch them again"
+    )
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -61,10 +109,12 @@ def load_mnist(root: str | Path, train: bool = True, download: bool = True) -> t
         except Exception as exc:  # URLError, RuntimeError, OSError: every failure reads the same
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(_missing_message(root, f"the download failed ({first_line})")) from None
+    verify_mnist(raw)
     try:
         dataset = MNIST(str(root), train=train, download=False)
-    except Exception as exc:  # corrupt or truncated files
-        raise DataError(f"cannot read MNIST in {raw}: {exc}") from None
+    except Exception as exc:  # unreadable files (verified ones never are)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else f"{type(exc).__name__} while parsing"
+        raise DataError(f"cannot read MNIST in {raw}: {reason}") from None
     images = dataset.data.unsqueeze(1).contiguous()  # (N, 1, 28, 28) uint8
     labels = dataset.targets.long()
     if images.dtype != torch.uint8 or images.shape[1:] != (1, 28, 28) or len(images) != len(labels):

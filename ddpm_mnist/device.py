@@ -1,14 +1,61 @@
-"""Picking the device and the autocast dtype, once, at the edge (train.py and sample.py)."""
+"""Where and in what precision a command runs: decided once, at the edge, by `setup_runtime`.
+
+train, sample, eval and scripts/bench.py each call `setup_runtime` once. It picks the device, sets
+the process-wide backend switches (cuDNN autotuning, TF32) and, for training, seeds torch's global
+generator; nothing else in the package touches them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from ddpm_mnist.config import RuntimeConfig
 from ddpm_mnist.errors import UserError
+from ddpm_mnist.rng import DROPOUT, derive_seed
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The device a command runs on and its autocast dtype (None: float32), with a line saying why."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    precision_note: str
+
+
+def setup_runtime(
+    cfg: RuntimeConfig, device_name: str | None = None, *, local_rank: int | None = None, seed: int | None = None,
+    rank: int = 0,
+) -> Runtime:
+    """Pick the device (`device_name` overrides runtime.device), set the global backend switches,
+    and, given the run's `seed`, seed torch's global generator with this rank's dropout stream.
+
+    Under torchrun (`local_rank`), CUDA means this process's GPU.
+    """
+    device = pick_device(device_name or cfg.device)
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions (Ampere and later)
+        torch.backends.cudnn.allow_tf32 = True
+    if seed is not None:
+        torch.manual_seed(derive_seed(seed, DROPOUT, rank))  # CPU and every CUDA device: what dropout draws from
+    dtype, note = autocast_dtype(device, cfg.mixed_precision)
+    return Runtime(device, dtype, note)
+
+
+def autocast(runtime: Runtime, *, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The runtime's autocast context (a no-op in float32). Inside a CUDA graph, pass cache_enabled=False."""
+    if runtime.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype, cache_enabled=cache_enabled)
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,14 +103,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device, mode: str) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype for `train.mixed_precision` (None: float32) and a line saying why."""
+    """The autocast dtype for `runtime.mixed_precision` (None: float32) and a line saying why."""
     if mode == "fp32":
         return None, "float32 (mixed_precision: fp32)"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bf16 autocast (CUDA)"
         if mode == "bf16":
-            raise UserError("mixed_precision: bf16 asked for, but this GPU does not support bf16")
+            raise UserError("runtime.mixed_precision: bf16 asked for, but this GPU does not support bf16")
         return None, "float32 (this GPU has no bf16)"
     if device.type == "cpu":
         if mode == "bf16":
@@ -75,3 +122,17 @@ def autocast_dtype(device: torch.device, mode: str) -> tuple[torch.dtype | None,
     if mode == "bf16":
         return torch.bfloat16, f"bf16 autocast ({device.type}, asked for)"
     return None, f"float32 ({device.type})"
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory where the work will run: the GPU's on CUDA, MemAvailable on Linux; None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

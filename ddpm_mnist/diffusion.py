@@ -1,8 +1,9 @@
-"""Forward noising q(x_t | x_0), the training target and loss, and the reverse step.
+"""Forward noising q(x_t | x_0), the prediction-type conversions, the training loss, and the reverse step.
 
 Names follow diffusers (`add_noise`, `step`, `timesteps`) so that its users feel at home.
 Timesteps are 0-indexed as stated in `schedule.py`. Shapes: x0, x_t, noise are (B, C, H, W) and
-t is (B,) int64, on the schedule's device.
+t is (B,) int64, on the schedule's device. What the network outputs (epsilon, v or x0) is turned
+into x0_hat and eps_hat by `predict_x0` and `predict_eps`, the only two places that know.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_mnist.schedule import NoiseSchedule
+from ddpm_mnist.schedule import NoiseSchedule, respace
 
 
-def _at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """values[t] shaped (B, 1, 1, 1) to broadcast over images."""
-    return values.index_select(0, t).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+def _at(values: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """values[t] shaped to broadcast over images: (B, 1, 1, 1) for t of shape (B,) or (1,); 0-d for an int."""
+    if isinstance(t, int):
+        return values[t]
+    return values.index_select(0, t.reshape(-1)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
 
 
 def add_noise(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -34,6 +37,34 @@ def training_target(
         return x0
     if prediction_type == "v":  # Salimans & Ho 2022, Sec. 4
         return _at(schedule.sqrt_alphas_cumprod, t) * noise - _at(schedule.sqrt_one_minus_alphas_cumprod, t) * x0
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def predict_x0(
+    schedule: NoiseSchedule, t: int | torch.Tensor, x_t: torch.Tensor, output: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x0_hat from the network's output at (x_t, t), unclipped."""
+    if prediction_type == "epsilon":
+        # Eq. (15): (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), the difference first: written as
+        # a x_t + b eps, with a and b near +-2e4 at the cosine schedule's last step, it cancels
+        return (x_t - _at(schedule.sqrt_one_minus_alphas_cumprod, t) * output) / _at(schedule.sqrt_alphas_cumprod, t)
+    if prediction_type == "v":
+        return _at(schedule.sqrt_alphas_cumprod, t) * x_t - _at(schedule.sqrt_one_minus_alphas_cumprod, t) * output
+    if prediction_type == "x0":
+        return output
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def predict_eps(
+    schedule: NoiseSchedule, t: int | torch.Tensor, x_t: torch.Tensor, output: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """eps_hat from the network's output at (x_t, t): the noise that x_t carries, by Eq. (4)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v":
+        return _at(schedule.sqrt_alphas_cumprod, t) * output + _at(schedule.sqrt_one_minus_alphas_cumprod, t) * x_t
+    if prediction_type == "x0":
+        return (x_t - _at(schedule.sqrt_alphas_cumprod, t) * output) / _at(schedule.sqrt_one_minus_alphas_cumprod, t)
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
@@ -73,16 +104,12 @@ def spaced_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
 
 
 class ReverseSampler:
-    """One reverse run: its timesteps and the per-step coefficients, computed once.
+    """One reverse run over `num_steps` timesteps, built on the schedule respaced to them.
 
-    `ancestral` is Algorithm 2 of Ho et al. (on a subsequence of timesteps when num_steps < T,
-    as diffusers' DDPMScheduler does); `ddim` is Song et al. 2021, Eq. (12), with eta.
-    Every step is the same few multiply-adds on per-step scalars:
-
-        x0_hat = clip(x0_from_xt[i] * x_t + x0_from_out[i] * model_output)
-        x_prev = mean_x0[i] * x0_hat + mean_xt[i] * x_t + mean_out[i] * model_output + sigma[i] * z
-
-    The tables are float32 tensors of shape (num_steps,) on `device`, computed in float64.
+    `ancestral` is Algorithm 2 of Ho et al. (on a subsequence of timesteps when num_steps < T, as
+    diffusers' DDPMScheduler does); `ddim` is Song et al. 2021, Eq. (12), with eta. Step i of the
+    loop (0 = the noisiest) is timestep `timesteps[i]` and index k = num_steps - 1 - i of the
+    respaced schedule `self.schedule`, whose named buffers (posterior_mean_coef1, ...) each step reads.
     """
 
     def __init__(
@@ -101,67 +128,28 @@ class ReverseSampler:
         T = schedule.num_timesteps
         if not 1 <= num_steps <= T:
             raise ValueError(f"num_steps must be in 1..{T}, got {num_steps}")
-        self.kind = sampler
-        self.prediction_type = prediction_type
-        self.clip_range = clip_sample_range if clip_sample else None
-        self.timesteps = torch.tensor(spaced_timesteps(T, num_steps), dtype=torch.long, device=device)
-        self._index = {t: i for i, t in enumerate(self.timesteps.tolist())}
-
-        abar_all = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)
-        t = self.timesteps.cpu()
-        prev = torch.cat([t[1:], torch.tensor([-1])])
-        abar = abar_all[t]
-        abar_prev = torch.where(prev >= 0, abar_all[prev.clamp(min=0)], torch.ones_like(abar))
-        beta = 1 - abar / abar_prev  # beta_t of this (possibly respaced) step
-        alpha = 1 - beta
-
-        # (1) x0_hat from the model output (Eq. 15 for epsilon)
-        if prediction_type == "epsilon":
-            x0_from_xt, x0_from_out = abar.rsqrt(), -(1 / abar - 1).sqrt()
-        elif prediction_type == "v":
-            x0_from_xt, x0_from_out = abar.sqrt(), -(1 - abar).sqrt()
-        elif prediction_type == "x0":
-            x0_from_xt, x0_from_out = torch.zeros_like(abar), torch.ones_like(abar)
-        else:
-            raise ValueError(f"unknown prediction type {prediction_type!r}")
-
-        zero = torch.zeros_like(abar)
-        if sampler == "ancestral":
-            # (2) posterior mean mu-tilde(x_t, x0_hat), Eq. (7)
-            mean_x0 = abar_prev.sqrt() * beta / (1 - abar)
-            mean_xt = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
-            mean_out = zero
-            # (3) sigma_t: beta-tilde_t (fixed_small) or beta_t (fixed_large), none at the last step
-            if variance_type == "fixed_small":
-                variance = (beta * (1 - abar_prev) / (1 - abar)).clamp(min=1e-20)
-            elif variance_type == "fixed_large":
-                variance = beta
-            else:
-                raise ValueError(f"unknown variance type {variance_type!r}")
-            sigma = torch.where(prev >= 0, variance.sqrt(), zero)
-        elif sampler == "ddim":
-            # eps_hat from the (unclipped) model output, as diffusers does
-            if prediction_type == "epsilon":
-                eps_from_xt, eps_from_out = zero, torch.ones_like(abar)
-            elif prediction_type == "v":
-                eps_from_xt, eps_from_out = (1 - abar).sqrt(), abar.sqrt()
-            else:
-                eps_from_xt, eps_from_out = (1 - abar).rsqrt(), -(abar / (1 - abar)).sqrt()
-            # (2) Eq. (12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z
-            sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()  # Eq. (16)
-            direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt()
-            mean_x0 = abar_prev.sqrt()
-            mean_xt, mean_out = direction * eps_from_xt, direction * eps_from_out
-        else:
+        if sampler not in ("ancestral", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}")
+        if variance_type not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unknown variance type {variance_type!r}")
+        self.kind, self.prediction_type = sampler, prediction_type
+        self.clip_range = clip_sample_range if clip_sample else None
+        timesteps = spaced_timesteps(T, num_steps)
+        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # step i -> t, descending
+        self._index = {t: i for i, t in enumerate(timesteps)}
+        self.schedule = respace(schedule, timesteps[::-1]).to(device)  # index k -> timesteps[num_steps - 1 - k]
 
-        def table(values: torch.Tensor) -> torch.Tensor:
-            return values.to(device=device, dtype=torch.float32)
-
-        self.x0_from_xt, self.x0_from_out = table(x0_from_xt), table(x0_from_out)
-        self.mean_x0, self.mean_xt, self.mean_out = table(mean_x0), table(mean_xt), table(mean_out)
-        self.sigma = table(sigma)
-        self.needs_noise = [bool(s > 0) for s in sigma]
+        s = self.schedule
+        if sampler == "ancestral":  # sigma_t^2 = beta-tilde_t (fixed_small) or beta_t (fixed_large), Sec. 3.2
+            variance = s.posterior_variance if variance_type == "fixed_small" else s.betas
+            self.sigmas = variance.double().sqrt()
+        else:  # Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
+            self.sigmas = eta * s.posterior_variance.double().sqrt()
+            # Eq. (12): the coefficient of eps_hat, the "direction pointing to x_t"
+            self.direction = (1 - s.alphas_cumprod_prev.double() - self.sigmas**2).clamp(min=0).sqrt().float()
+        self.sigmas[0] = 0.0  # the last step (k = 0, t -> x_0) adds no noise
+        self.sigmas = self.sigmas.float()
+        self.needs_noise = [bool(self.sigmas[num_steps - 1 - i] > 0) for i in range(num_steps)]
 
     @property
     def num_steps(self) -> int:
@@ -169,26 +157,34 @@ class ReverseSampler:
         return len(self.timesteps)
 
     def predict_x0(self, i: int | torch.Tensor, model_output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """x0_hat at step index i (clipped if asked), (B, C, H, W)."""
-        x0 = self.x0_from_xt[i] * x_t + self.x0_from_out[i] * model_output
+        """x0_hat at step i, clipped if asked: (B, C, H, W)."""
+        x0_hat = predict_x0(self.schedule, self.num_steps - 1 - i, x_t, model_output, self.prediction_type)
         if self.clip_range is not None:
-            x0 = x0.clamp(-self.clip_range, self.clip_range)
-        return x0
+            x0_hat = x0_hat.clamp(-self.clip_range, self.clip_range)
+        return x0_hat
 
     def step_index(
         self, i: int | torch.Tensor, model_output: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None
     ) -> torch.Tensor:
-        """x_{t_prev} from x_t at step index i (0 = the first, noisiest step).
+        """x_{t_prev} from x_t at step i (0 = the first, noisiest step).
 
         `i` may be a 1-element int64 tensor on the device (for CUDA-graph replay); `noise` may be
-        None where sigma[i] is 0.
+        None where this step adds none.
         """
-        x0 = self.predict_x0(i, model_output, x_t)  # (1) and clipping
-        x_prev = self.mean_x0[i] * x0 + self.mean_xt[i] * x_t  # (2) the mean
-        if self.kind == "ddim":
-            x_prev = x_prev + self.mean_out[i] * model_output
+        s, k = self.schedule, self.num_steps - 1 - i
+        # 1. predicted x_0 from the model output (Eq. 15 for epsilon), 2. clipped
+        x0_hat = self.predict_x0(i, model_output, x_t)
+        if self.kind == "ancestral":
+            # 3. the posterior mean mu-tilde_t(x_t, x0_hat), Eq. (7)
+            x_prev = _at(s.posterior_mean_coef1, k) * x0_hat + _at(s.posterior_mean_coef2, k) * x_t
+        else:
+            # 3. Eq. (12): sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat, with eps_hat
+            # from the unclipped output, as diffusers' DDIMScheduler does
+            eps_hat = predict_eps(s, k, x_t, model_output, self.prediction_type)
+            x_prev = _at(s.alphas_cumprod_prev, k).sqrt() * x0_hat + _at(self.direction, k) * eps_hat
         if noise is not None:
-            x_prev = x_prev + self.sigma[i] * noise  # (3) Algorithm 2, line 4: + sigma_t z
+            # 4. add noise: + sigma_t z, Algorithm 2 line 4
+            x_prev = x_prev + _at(self.sigmas, k) * noise
         return x_prev
 
     def step(

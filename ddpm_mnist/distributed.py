@@ -1,16 +1,19 @@
-"""Running under torchrun: process group, ranks, and the few collectives training needs.
+"""The processes of a run: torchrun's process group, the agreements every rank must share, and stopping.
 
 One process (no torchrun, or WORLD_SIZE=1) is the same code with `world_size == 1`, where every
-function here does nothing. Under torchrun: NCCL on CUDA, gloo on CPU, plus a gloo group for
-small host-side agreements (stop requests, errors) that must not touch the GPU stream.
+collective here does nothing. Under torchrun: NCCL on CUDA, gloo on CPU, plus a gloo group for
+small host-side agreements (stop requests, errors) that must not touch the GPU stream. A stop
+request (Ctrl-C, SIGTERM) is one of those agreements: every rank stops at the same step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,6 +82,21 @@ def gather(ddp: Dist, obj: Any) -> list[Any]:
     return out
 
 
+Result = TypeVar("Result")
+
+
+def on_main(ddp: Dist, work: Callable[[], Result]) -> Result | None:
+    """Run `work` on rank 0 alone; a UserError it raises is raised on every rank. Returns its result on rank 0."""
+    error, result = None, None
+    if ddp.is_main:
+        try:
+            result = work()
+        except UserError as exc:
+            error = exc
+    share_error(ddp, error)
+    return result
+
+
 def share_error(ddp: Dist, error: UserError | None) -> None:
     """Raise on every rank the error any rank met (say rank 0, refusing a run folder); else return."""
     messages = [m for m in gather(ddp, None if error is None else str(error)) if m is not None]
@@ -96,7 +114,75 @@ def parameters_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_replicas(ddp: Dist, model: torch.nn.Module) -> None:
+    """Under torchrun, check that every rank ended with the same weights (they must)."""
+    if not ddp.enabled:
+        return
+    digests = gather(ddp, parameters_digest(model))
+    if len(set(digests)) != 1:
+        raise UserError(f"the {ddp.world_size} processes ended with different weights: a bug, please report")
+    if ddp.is_main:
+        print(f"checked: all {ddp.world_size} processes hold identical weights")
+
+
+def check_resume_world_size(saved: int, ddp: Dist, batch_size: int, images: int, allowed: bool) -> None:
+    """A run resumed on another number of processes is another run: refuse it unless `allowed`,
+    and then say exactly what changes."""
+    if saved == ddp.world_size:
+        return
+    before, after = batch_size * saved, batch_size * ddp.world_size
+    epoch_before, epoch_after = images // saved // batch_size, images // ddp.world_size // batch_size
+    change = (f"the effective batch would go from {before} to {after}, an epoch from {epoch_before} to "
+              f"{epoch_after} steps, and the data shards and noise streams would be new")
+    if not allowed:
+        raise UserError(
+            f"--resume: the run was trained by {saved} process(es) and this is {ddp.world_size}: {change}; "
+            f"resume with {saved}, or pass --change-world-size to continue anyway"
+        )
+    if ddp.is_main:
+        print(f"note: resuming a {saved}-process run on {ddp.world_size}: {change} (--change-world-size)")
+
+
 def close(ddp: Dist) -> None:
     """Leave the process group."""
     if ddp.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to save and stop at the end of the current step;
+    a second Ctrl-C stops at once. `agreed()` is true on every rank once any rank was asked."""
+
+    def __init__(self, ddp: Dist) -> None:
+        self.ddp = ddp
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether to stop after this step (a host-side all-reduce under torchrun)."""
+        return any_true(self.ddp, self.requested)
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """The run stopped on Ctrl-C or SIGTERM after saving a checkpoint at `step` (the CLI exits with 130)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step = step

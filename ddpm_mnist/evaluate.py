@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from ddpm_mnist.classifier import MNISTClassifier, classify, load_classifier
-from ddpm_mnist.data import load_mnist, to_model_range
+from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import ensure_writable
+from ddpm_mnist.images import load_samples
+from ddpm_mnist.paths import check_suffix, ensure_writable, write_text
 
 # L2 distance in [0, 1] pixel space (784 pixels) under which a sample counts as a copy of a
 # training digit: 3.6% RMS per pixel. 5 of the 10,000 MNIST test digits are this close to a
@@ -101,6 +102,20 @@ def classifier_metrics(
     }
 
 
+class TestSetMetrics:
+    """`classifier_metrics` of images against MNIST's test digits, with the classifier and the test
+    set's features computed once (for metrics during training)."""
+
+    def __init__(self, data_root: str | Path, download: bool, device: torch.device) -> None:
+        self.classifier = load_classifier(device=device)
+        test_images, _ = load_mnist(data_root, train=False, download=download)
+        self.reference, _ = classify(self.classifier, to_model_range(test_images))
+
+    def __call__(self, images: torch.Tensor) -> dict[str, Any]:
+        """Metrics of images (B, 1, 28, 28) in [-1, 1]."""
+        return classifier_metrics(self.classifier, to_uint8(images.cpu()), self.reference)
+
+
 def memorisation_metrics(images: torch.Tensor, train_images: torch.Tensor, threshold: float) -> dict[str, float]:
     """memorised_share and nn_distance_median of uint8 images against the training digits."""
     distances = nearest_distances(images, train_images)
@@ -116,13 +131,8 @@ def evaluate_images(
 ) -> dict[str, Any]:
     """Every metric for uint8 images (N, 1, 28, 28), and the floor of N real digits."""
     n = len(images)
-    if n < 2:
-        raise UserError("evaluation needs at least 2 images (a Frechet distance needs a covariance)")
+    train_images, test_images = real_digits(data_root, download, n)
     model = classifier or load_classifier()
-    train_images, _ = load_mnist(data_root, train=True, download=download)
-    test_images, _ = load_mnist(data_root, train=False, download=download)
-    if n > min(len(train_images), len(test_images)):
-        raise UserError(f"n = {n} is more than the {min(len(train_images), len(test_images))} real digits of the floor")
     reference_features, _ = classify(model, to_model_range(test_images))
     g = torch.Generator().manual_seed(seed)
     real_train = train_images[torch.randperm(len(train_images), generator=g)[:n]]
@@ -136,6 +146,18 @@ def evaluate_images(
         "reference": f"{len(test_images)} MNIST test digits",
         "memorisation_threshold": threshold,
     }
+
+
+def real_digits(data_root: str | Path, download: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's training and test digits, once n is known to fit the floor (n real digits of each)."""
+    if n < 2:
+        raise UserError(f"evaluation needs at least 2 images (a Frechet distance needs a covariance), got n = {n}")
+    train_images, _ = load_mnist(data_root, train=True, download=download)
+    test_images, _ = load_mnist(data_root, train=False, download=download)
+    most = min(len(train_images), len(test_images))
+    if n > most:
+        raise UserError(f"n = {n} is more than the {most} real digits of the floor in {data_root}")
+    return train_images, test_images
 
 
 METRIC_ROWS = [
@@ -165,52 +187,49 @@ def evaluate(
     ckpt_path: Path | None = None,
     samples_path: Path | None = None,
     *,
-    n: int | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
-    seed: int | None = None,
-    batch_size: int | None = None,
+    options: dict[str, Any] | None = None,
     device_name: str | None = None,
     data_root: str | None = None,
     json_path: Path | None = None,
     threshold: float = MEMORISATION_THRESHOLD,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """`ddpm eval`: sample from a checkpoint (or read a samples file), measure, print, write JSON."""
-    from ddpm_mnist.sample import load_samples, prepare_sampling, sample_flags
+    """`ddpm eval`: sample from a checkpoint (or read a samples file), measure, print, write JSON.
 
+    `options` are the typed sample-time settings (n, steps, sampler, seed, batch_size). Every
+    argument, the size of the floor included, is checked before any sampling starts.
+    """
+    options = options or {}
     if (ckpt_path is None) == (samples_path is None):
         raise UserError("give one of --ckpt (sample, then measure) or --samples (measure a file from ddpm sample)")
     if json_path is not None:
-        ensure_writable(json_path)
-    source: dict[str, Any]
+        ensure_writable(check_suffix(json_path, "--json", (".json",)))
     started = time.perf_counter()
     if ckpt_path is not None:
-        flags = sample_flags(n=n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size)
-        run = prepare_sampling(ckpt_path, [*(overrides or []), *flags], device_name)
-        s = run.cfg.sample
+        from ddpm_mnist.sample import prepare_sampling  # sampling only when there is a checkpoint to sample
+
+        run = prepare_sampling(ckpt_path, options, overrides, device_name)
+        s, root, download = run.cfg.sample, data_root or run.cfg.data.root, run.cfg.data.download
+        real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
         print(f"sampling {s.n} images to evaluate: {run.note}")
         images = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval")
-        root = data_root or run.cfg.data.root
-        download = run.cfg.data.download
         source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": s.steps,
                   "seed": run.cfg.seed, "use_ema": s.use_ema}
     else:
         images = load_samples(samples_path)
+        n = options.get("n")
         if n is not None:
+            if n < 1 or n > len(images):
+                raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
             images = images[:n]
         root, download = data_root or "data", True
         source = {"samples": str(samples_path)}
     sampled = time.perf_counter() - started
-    report = evaluate_images(images, root, download=download, threshold=threshold, seed=seed or 0)
+    report = evaluate_images(images, root, download=download, threshold=threshold, seed=options.get("seed") or 0)
     report["source"] = source
     report["seconds"] = {"sampling": round(sampled, 1), "metrics": round(time.perf_counter() - started - sampled, 1)}
     print(format_report(report))
     if json_path is not None:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as exc:
-            raise UserError(f"cannot write {json_path}: {exc.strerror or exc}") from None
+        write_text(json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")
     return report

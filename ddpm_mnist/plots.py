@@ -1,4 +1,4 @@
-"""Figures: the schedule plot (beta, alpha-bar and sigma against t), for files and TensorBoard."""
+"""Figures: the schedule plot (beta, alpha-bar and sigma against t) and the trajectory strip."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ddpm_mnist.paths import atomic_file  # noqa: E402
 from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
 
 
@@ -34,11 +35,13 @@ def schedule_figure(schedules: dict[str, NoiseSchedule]) -> Figure:
     return fig
 
 
-def write_schedule_plot(schedules: dict[str, NoiseSchedule], path: str | Path) -> None:
-    """Save `schedule_figure` as a PNG."""
-    fig = schedule_figure(schedules)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
+    """Write a figure as a PNG (atomically) and free its memory."""
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def trajectory_figure(
@@ -61,8 +64,3 @@ def trajectory_figure(
                     ax.set_title(f"t = {t}", fontsize=9)
     fig.tight_layout(pad=0.3)
     return fig
-
-
-def close(fig: Figure) -> None:
-    """Free a figure's memory once it is written."""
-    plt.close(fig)

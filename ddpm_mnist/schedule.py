@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ddpm_mnist.config import ScheduleConfig
+from ddpm_mnist.paths import atomic_file
 
 
 def make_betas(
@@ -65,12 +66,7 @@ class NoiseSchedule:
     alphas_cumprod_prev: torch.Tensor  # abar_{t-1}, with abar_{-1} = 1
     sqrt_alphas_cumprod: torch.Tensor  # sqrt(abar_t)
     sqrt_one_minus_alphas_cumprod: torch.Tensor  # sqrt(1 - abar_t)
-    log_one_minus_alphas_cumprod: torch.Tensor  # log(1 - abar_t)
-    sqrt_recip_alphas_cumprod: torch.Tensor  # 1 / sqrt(abar_t)
-    sqrt_recipm1_alphas_cumprod: torch.Tensor  # sqrt(1 / abar_t - 1)
-    sqrt_recip_alphas: torch.Tensor  # 1 / sqrt(alpha_t)
     posterior_variance: torch.Tensor  # beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), Eq. (7)
-    posterior_log_variance_clipped: torch.Tensor  # log beta-tilde_t, with t = 0 taking t = 1's value
     posterior_mean_coef1: torch.Tensor  # sqrt(abar_{t-1}) beta_t / (1 - abar_t), multiplies x0, Eq. (7)
     posterior_mean_coef2: torch.Tensor  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t), multiplies x_t
     snr: torch.Tensor  # abar_t / (1 - abar_t)
@@ -104,14 +100,9 @@ def make_schedule(cfg: ScheduleConfig) -> NoiseSchedule:
 def schedule_from_betas(betas: torch.Tensor) -> NoiseSchedule:
     """Derive every quantity from beta_t (float64 math, float32 storage)."""
     b = betas.to(torch.float64)
-    T = b.shape[0]
     alphas = 1 - b
     abar = torch.cumprod(alphas, dim=0)
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    posterior_variance = b * (1 - abar_prev) / (1 - abar)
-    # beta-tilde_0 = 0; its log takes t = 1's value, as in Ho et al.'s and improved-diffusion's code.
-    # At a zero-terminal-SNR end, 1 / abar and sigma are inf there, which is their true value.
-    clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]) if T > 1 else posterior_variance
     values = dict(
         betas=b,
         alphas=alphas,
@@ -119,18 +110,26 @@ def schedule_from_betas(betas: torch.Tensor) -> NoiseSchedule:
         alphas_cumprod_prev=abar_prev,
         sqrt_alphas_cumprod=abar.sqrt(),
         sqrt_one_minus_alphas_cumprod=(1 - abar).sqrt(),
-        log_one_minus_alphas_cumprod=torch.log(1 - abar),
-        sqrt_recip_alphas_cumprod=abar.rsqrt(),
-        sqrt_recipm1_alphas_cumprod=(1 / abar - 1).sqrt(),
-        sqrt_recip_alphas=alphas.rsqrt(),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=torch.log(clipped),
+        posterior_variance=b * (1 - abar_prev) / (1 - abar),  # beta-tilde_0 = 0: the last step adds no noise
         posterior_mean_coef1=abar_prev.sqrt() * b / (1 - abar),
         posterior_mean_coef2=alphas.sqrt() * (1 - abar_prev) / (1 - abar),
         snr=abar / (1 - abar),
-        sigmas=((1 - abar) / abar).sqrt(),
+        sigmas=((1 - abar) / abar).sqrt(),  # inf at a zero-terminal-SNR end, its true value
     )
     return NoiseSchedule(**{k: v.to(torch.float32) for k, v in values.items()})
+
+
+def respace(schedule: NoiseSchedule, timesteps: list[int]) -> NoiseSchedule:
+    """The schedule restricted to `timesteps` (ascending), as improved-diffusion's `respace` builds it.
+
+    Its step k has beta_k = 1 - abar_{t_k} / abar_{t_(k-1)}, so its abar_k is the original's
+    abar_{t_k}, and every derived buffer (posterior mean and variance, Eq. 7) is that of the jump
+    from t_k to t_(k-1). A fast sampler then uses the same named formulas as the full loop.
+    """
+    abar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)  # float64, as the original was derived
+    kept = abar[torch.tensor(timesteps)]
+    kept_prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+    return schedule_from_betas(1 - kept / kept_prev).to(schedule.betas.device)
 
 
 def summary_rows(schedule: NoiseSchedule, points: int = 6) -> list[dict[str, float]]:
@@ -163,10 +162,10 @@ CSV_COLUMNS = {
 }
 
 
-def write_csv(schedule: NoiseSchedule, path: str | Path) -> None:
+def write_csv(schedule: NoiseSchedule, path: Path) -> None:
     """One row per timestep, numbers at full float32 precision (shortest round-tripping form)."""
     columns = [getattr(schedule, attr).numpy() for attr in CSV_COLUMNS.values() if attr]
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for t in range(schedule.num_timesteps):

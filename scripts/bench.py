@@ -3,7 +3,7 @@
     python scripts/bench.py [--config configs/cpu.yaml] [--device auto] [--json bench.json]
 
 Measured in one run, on one device:
-- training: images/s of the real training step (Trainer.train_step: the batch from the on-device
+- training: images/s of the real training step (train.train_step: the batch from the on-device
   uint8 tensor, noising, forward, loss, backward, clipping, AdamW, EMA), and the same step fed by
   a plain torch DataLoader over torchvision's MNIST with ToTensor and Normalize (the tutorial way);
 - the share of a step spent getting the batch;
@@ -22,7 +22,6 @@ overhead ratio the median of the ratios within a round.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,15 +40,16 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from ddpm_mnist.config import load_config  # noqa: E402
-from ddpm_mnist.device import autocast_dtype, cpu_has_native_bf16, pick_device  # noqa: E402
+from ddpm_mnist.config import Config, load_config  # noqa: E402
+from ddpm_mnist.device import Runtime, autocast, cpu_has_native_bf16, setup_runtime  # noqa: E402
 from ddpm_mnist.diffusion import ReverseSampler, training_losses  # noqa: E402
-from ddpm_mnist.distributed import Dist  # noqa: E402
 from ddpm_mnist.errors import UserError  # noqa: E402
 from ddpm_mnist.paths import ensure_writable  # noqa: E402
 from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
 from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
-from ddpm_mnist.train import Trainer  # noqa: E402
+from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
+from ddpm_mnist.train import train_step  # noqa: E402
+from ddpm_mnist.trainstate import TrainState, setup_training  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -96,17 +97,23 @@ def matmul(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[
     return (lambda: a @ b), 2.0 * size**3
 
 
-def convolution_seconds(fn: Any, device: torch.device, repeat: int) -> float:
-    """Seconds per call of fn() spent inside convolutions (forward and backward), from torch.profiler:
-    the self time of every op named *convolution* (on CUDA, the device time of their kernels)."""
+def convolution_share(fn: Any, device: torch.device, repeat: int) -> tuple[float, float]:
+    """(share of op time spent in convolutions, their seconds per call of fn()), from one torch.profiler run.
+
+    Both come from the same run: the self time of every op named *convolution* (forward and
+    backward; on CUDA the device time of their kernels) over the self time of all ops. So the share
+    is a share by construction, whatever else the machine is doing.
+    """
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(repeat):
             fn()
         synchronize(device)
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    microseconds = sum(getattr(e, attribute) for e in prof.key_averages() if "convolution" in e.key.lower())
-    return microseconds / 1e6 / repeat
+    events = prof.key_averages()
+    total = sum(getattr(e, attribute) for e in events)
+    convolutions = sum(getattr(e, attribute) for e in events if "convolution" in e.key.lower())
+    return convolutions / total, convolutions / 1e6 / repeat
 
 
 def cpu_name() -> str:
@@ -134,18 +141,27 @@ def tutorial_loader(root: str, batch_size: int) -> Any:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
 
 
-def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) -> dict[str, Any]:
-    device, t = trainer.device, trainer.t
-    step = {"n": trainer.start_step}
+@dataclass
+class Training:
+    """What one timed training step needs: the config, runtime, data, schedule and state."""
 
-    def one_step() -> None:
-        trainer.train_step(step["n"])
-        step["n"] += 1
+    cfg: Config
+    runtime: Runtime
+    batches: Any
+    schedule: NoiseSchedule
+    state: TrainState
+
+    def step(self) -> None:
+        train_step(self.state, self.state.model, self.schedule, self.batches, self.cfg, self.runtime)
+
+
+def bench_training(training: Training, steps: int, rounds: int, data_root: str) -> dict[str, Any]:
+    device, batch_size = training.runtime.device, training.cfg.train.batch_size
 
     # the same step, fed by the tutorial pipeline: the batch comes from the DataLoader instead
-    tutorial = tutorial_loader(data_root, t.batch_size)
+    tutorial = tutorial_loader(data_root, batch_size)
     loader = {"it": iter(tutorial)}
-    real_batch = trainer.batches.batch
+    real_batch = training.batches.batch
 
     def loader_batch(_: int) -> torch.Tensor:
         try:
@@ -156,34 +172,33 @@ def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) ->
         return x.to(device, non_blocking=True)
 
     def loader_step() -> None:
-        trainer.batches.batch = loader_batch  # type: ignore[method-assign]
+        training.batches.batch = loader_batch
         try:
-            one_step()
+            training.step()
         finally:
-            trainer.batches.batch = real_batch  # type: ignore[method-assign]
+            training.batches.batch = real_batch
 
-    dtype = trainer.amp_dtype or torch.float32
+    dtype = training.runtime.autocast_dtype or torch.float32
     reference, matmul_flops = matmul(device, dtype)
-    turns = take_turns({"step": (one_step, steps), "tutorial_step": (loader_step, steps),
-                        "batch": (lambda: trainer.batches.batch(step["n"]), steps),
+    turns = take_turns({"step": (training.step, steps), "tutorial_step": (loader_step, steps),
+                        "batch": (lambda: real_batch(training.state.step), steps),
                         "tutorial_batch": (lambda: loader_batch(0), steps), "matmul": (reference, 5)},
                        device, rounds)
     seconds, peak = min(turns["step"]), matmul_flops / min(turns["matmul"])
 
-    x0 = trainer.batches.batch(0)
-    timesteps = torch.randint(0, trainer.schedule.num_timesteps, (t.batch_size,), device=device)
-    ctx = torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else contextlib.nullcontext()
-    with FlopCounterMode(display=False) as counter, ctx:
-        training_losses(trainer.model, trainer.schedule, x0, timesteps, torch.randn_like(x0)).mean().backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    x0 = real_batch(0)
+    timesteps = torch.randint(0, training.schedule.num_timesteps, (batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter, autocast(training.runtime):
+        training_losses(training.state.model, training.schedule, x0, timesteps, torch.randn_like(x0)).mean().backward()
+    training.state.optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
-    conv_seconds = convolution_seconds(one_step, device, steps)
+    conv_share, conv_seconds = convolution_share(training.step, device, steps)
     return {
-        "batch_size": t.batch_size,
-        "images_per_s": t.batch_size / seconds,
+        "batch_size": batch_size,
+        "images_per_s": batch_size / seconds,
         "step_ms": 1000 * seconds,
-        "tutorial_dataloader_images_per_s": t.batch_size / min(turns["tutorial_step"]),
+        "tutorial_dataloader_images_per_s": batch_size / min(turns["tutorial_step"]),
         "speedup_over_tutorial_dataloader": ratio(turns["tutorial_step"], turns["step"]),
         "batch_fetch_share": ratio(turns["batch"], turns["step"]),
         "tutorial_batch_fetch_share": ratio(turns["tutorial_batch"], turns["step"]),
@@ -192,33 +207,31 @@ def bench_training(trainer: Trainer, steps: int, rounds: int, data_root: str) ->
         "matmul_flops_per_s": peak,
         "matmul_dtype": str(dtype).replace("torch.", ""),
         "fraction_of_matmul_rate": flops / seconds / peak,
-        # the convolutions alone: their share of the FLOPs and of the time, and their own rate
+        # the convolutions alone: their share of the FLOPs and of the op time, and their own rate
         "convolution_flop_share": conv_flops / flops,
-        "convolution_time_share": conv_seconds / seconds,
+        "convolution_time_share": conv_share,
         "convolution_fraction_of_matmul_rate": conv_flops / conv_seconds / peak,
     }
 
 
-def bench_sampling(trainer: Trainer, batch: int, steps: int, rounds: int) -> dict[str, Any]:
-    device, model = trainer.device, trainer.ema.module.eval()
-    reverse = ReverseSampler(trainer.schedule, steps, prediction_type=trainer.cfg.model.prediction_type,
-                             device=device)
+def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> dict[str, Any]:
+    runtime, model = training.runtime, training.state.ema.module.eval()
+    device, prediction_type = runtime.device, training.cfg.model.prediction_type
+    reverse = ReverseSampler(training.schedule, steps, prediction_type=prediction_type, device=device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    ctx = torch.autocast(device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else contextlib.nullcontext()
 
     @torch.no_grad()
     def bare_forwards() -> None:
-        with ctx:
+        with autocast(runtime):
             for _ in range(steps):
                 model(x, t)
 
     def reverse_loop(sampler: ReverseSampler = reverse) -> None:
-        generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), autocast=trainer.amp_dtype)
+        generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), runtime)
 
     # warm up with a 10-step loop rather than a whole one
-    reverse_loop(ReverseSampler(trainer.schedule, 10, prediction_type=trainer.cfg.model.prediction_type,
-                                device=device))
+    reverse_loop(ReverseSampler(training.schedule, 10, prediction_type=prediction_type, device=device))
     turns = take_turns({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1)}, device, rounds, warm_up=False)
     per_round = [loop / forwards for loop, forwards in zip(turns["loop"], turns["forwards"], strict=True)]
     return {
@@ -274,25 +287,23 @@ def bench(args: argparse.Namespace) -> int:
     if args.json:
         ensure_writable(args.json)  # before minutes of measuring
     cfg = load_config(args.config, args.sets)
-    device = pick_device(args.device or cfg.train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    trainer = Trainer(cfg, Dist(), device, cfg.run_dir, None)
+    runtime = setup_runtime(cfg.runtime, args.device, seed=cfg.seed)
+    device = runtime.device
+    batches, schedule, _, state = setup_training(cfg, runtime)
+    training = Training(cfg, runtime, batches, schedule, state)
     report: dict[str, Any] = {
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "torch": str(torch.__version__),
         "device": str(device),
-        "precision": autocast_dtype(device, cfg.train.mixed_precision)[1],
+        "precision": runtime.precision_note,
         "config": args.config,
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "parameters": sum(p.numel() for p in state.model.parameters()),
         "compile": cfg.train.compile,
         "channels_last": cfg.train.channels_last,
     }
-    report["training"] = bench_training(trainer, args.train_steps, args.rounds, cfg.data.root)
-    report["sampling"] = bench_sampling(trainer, args.sample_batch, args.sample_steps, args.rounds)
+    report["training"] = bench_training(training, args.train_steps, args.rounds, cfg.data.root)
+    report["sampling"] = bench_sampling(training, args.sample_batch, args.sample_steps, args.rounds)
     report["peak_memory_mb"] = peak_memory_mb(device)
 
     tr, sa = report["training"], report["sampling"]
@@ -308,7 +319,7 @@ def bench(args: argparse.Namespace) -> int:
                               f"{100 * tr['fraction_of_matmul_rate']:.0f}% of this machine's {tr['matmul_dtype']} "
                               f"matmul ({tr['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)"),
         ("  of which convolutions", f"{100 * tr['convolution_flop_share']:.0f}% of the FLOPs in "
-                                    f"{100 * tr['convolution_time_share']:.0f}% of the time, at "
+                                    f"{100 * tr['convolution_time_share']:.0f}% of the op time, at "
                                     f"{100 * tr['convolution_fraction_of_matmul_rate']:.0f}% of matmul"),
         (f"sampling {sa['steps']} steps, batch {sa['batch_size']}", f"{sa['reverse_loop_s']:.2f} s "
                                                                       f"({sa['images_per_s']:.2f} images/s)"),

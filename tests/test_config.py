@@ -62,8 +62,8 @@ def test_unknown_section_suggests_the_nearest(tmp_path: Path) -> None:
         ("data:\n  download: 1\n", "data.download: must be true or false, got 1"),
         ("model:\n  channel_mult: 2\n", "model.channel_mult: must be a list of integers"),
         ("model:\n  channel_mult: [1, x]\n", "model.channel_mult[1]: must be an integer"),
-        ("train:\n  device: 0\n", "train.device: must be a non-empty string"),
-        ("train:\n  mixed_precision: off\n", "quote the value"),
+        ("runtime:\n  device: 0\n", "runtime.device: must be a non-empty string"),
+        ("runtime:\n  mixed_precision: off\n", "quote the value"),
         ("train:\n  lr: .nan\n", "train.lr: must be a finite number"),
     ],
 )

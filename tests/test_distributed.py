@@ -38,7 +38,7 @@ def test_two_processes_train_one_model_and_one_writes(tmp_path: Path) -> None:
     run_dir = tmp_path / "smoke"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "latest.pt", "step_000000006.pt", "step_000000012.pt"]
-    assert len(list((run_dir / "tensorboard").iterdir())) == 1  # one event file
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one event file, in the run folder
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000000006.png", "step_000000012.png"]
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ddpm_mnist.config import ScheduleConfig
 from ddpm_mnist.diffusion import ReverseSampler, spaced_timesteps
-from ddpm_mnist.sample import load_samples, sample_from_checkpoint
+from ddpm_mnist.images import load_samples
+from ddpm_mnist.sample_files import sample_from_checkpoint
 from ddpm_mnist.schedule import make_betas, make_schedule
 
 PREDICTIONS = ["epsilon", "v", "x0"]
@@ -125,9 +126,9 @@ def test_ddim_step_agrees_with_diffusers(prediction: str, eta: float) -> None:
 def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "latest.pt"
 
-    def run(name: str, **kwargs: object) -> Path:
-        return sample_from_checkpoint(ckpt, steps=20, out=tmp_path / f"{name}.png", tensor_path=tmp_path / f"{name}.pt",
-                                      **kwargs)
+    def run(name: str, **options: object) -> Path:
+        return sample_from_checkpoint(ckpt, options={"steps": 20, **options}, out=tmp_path / f"{name}.png",
+                                      tensor_path=tmp_path / f"{name}.pt")
 
     a = run("a", n=6, seed=1, batch_size=6)
     b = run("b", n=6, seed=1, batch_size=6)
@@ -202,7 +203,7 @@ def test_bad_checkpoints_give_one_line_and_exit_code_2(trained_run: Path, tmp_pa
     assert "not a ddpm-mnist checkpoint" in expect_one_line_error(capsys, other)
     future = tmp_path / "future.pt"
     torch.save({**state, "format_version": 99}, future)
-    assert "format version 99; this ddpm-mnist reads version 1" in expect_one_line_error(capsys, future)
+    assert "format version 99; this ddpm-mnist reads versions 1, 2" in expect_one_line_error(capsys, future)
     mismatched = tmp_path / "mismatched.pt"
     torch.save({**state, "config": {**state["config"], "model": {**state["config"]["model"], "base_channels": 16}}},
                mismatched)
@@ -228,6 +229,7 @@ def test_unpickling_error_from_plain_pickle_is_reported(tmp_path: Path, capsys) 
 
 def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ddpm_mnist.config import ModelConfig
+    from ddpm_mnist.device import Runtime
     from ddpm_mnist.rng import SAMPLE_NOISE
     from ddpm_mnist.sample import NoiseSource, generate
     from ddpm_mnist.unet import UNet
@@ -240,7 +242,8 @@ def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tens
             torch.nn.init.normal_(p, std=0.05)
     sampler = ReverseSampler(make_schedule(ScheduleConfig()).to(device), 25, sampler=sampler_kind, device=device,
                              eta=0.5 if sampler_kind == "ddim" else 0.0)
-    runs = [generate(model, sampler, NoiseSource(3, SAMPLE_NOISE, range(5), device), static=static)
+    runtime = Runtime(device, None, "float32")
+    runs = [generate(model, sampler, NoiseSource(3, SAMPLE_NOISE, range(5), device), runtime, static=static)
             for static in (False, True)]
     return runs[0], runs[1]
 

@@ -21,9 +21,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddpm_mnist.train as train_module
 from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from ddpm_mnist.config import Config, apply_overrides, config_from_dict
-from ddpm_mnist.distributed import Dist
+from ddpm_mnist.device import setup_runtime
 from ddpm_mnist.errors import RunError
-from ddpm_mnist.train import ema_decay_at, lr_factor
+from ddpm_mnist.trainstate import (
+    build_train_state,
+    ema_avg_fn,
+    ema_decay_at,
+    lr_factor,
+    parameter_groups,
+    setup_training,
+)
 
 
 def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> None:
@@ -48,7 +55,7 @@ def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> N
     # the EMA differs from the raw weights (it averages them)
     assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/ema_decay",
@@ -153,7 +160,7 @@ def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert state["step"] == 20 and state["ema_num_averaged"] == 19  # one update skipped
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.value for e in events.Scalars("train/skipped_steps")][-1] == 1
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
@@ -166,7 +173,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path) -> None:
            "--set", "train.checkpoint_every=0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "smoke" / "tensorboard").glob("events*")):
+    while time.time() < deadline and not list((tmp_path / "smoke").glob("events*")):
         time.sleep(0.2)
     time.sleep(2)  # some steps in
     proc.send_signal(signal.SIGINT)
@@ -195,7 +202,7 @@ def test_ema_update_is_the_lerp_of_the_formula() -> None:
     from torch.optim.swa_utils import AveragedModel
 
     model = torch.nn.Linear(2, 2)
-    ema = AveragedModel(model, multi_avg_fn=train_module.ema_avg_fn(0.9, warmup=True), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(0.9, warmup=True), use_buffers=True)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -212,33 +219,48 @@ def test_the_fused_optimiser_step_is_adamw(smoke_cfg: Config) -> None:
     """The trainer's fused AdamW (one kernel on CPU and CUDA) moves the weights as the
     per-parameter reference AdamW does, given the same (clipped) gradients."""
     cfg = apply_overrides(smoke_cfg, ["train.weight_decay=0.01", "train.warmup_steps=0"])
-    trainer = train_module.Trainer(cfg, Dist(), torch.device("cpu"), cfg.run_dir, None)
-    assert trainer.optimizer.defaults["fused"] is True
-    for step in range(3):  # past the zero-initialised output layer, so that every weight has a gradient
-        trainer.train_step(step)
-    reference_model = copy.deepcopy(trainer.model)
-    reference = torch.optim.AdamW(reference_model.parameters(), foreach=False, fused=False)
-    reference.load_state_dict(copy.deepcopy(trainer.optimizer.state_dict()))  # moments, step, lr, betas, decay
-    reference.param_groups[0]["fused"] = False  # the saved groups would make it fused again
-    trainer.train_step(3)
-    for p, ref in zip(trainer.model.parameters(), reference_model.parameters(), strict=True):
+    runtime = setup_runtime(cfg.runtime, "cpu")
+    batches, schedule, _, state = setup_training(cfg, runtime)
+    assert state.optimizer.defaults["fused"] is True
+    for _ in range(3):  # past the zero-initialised output layer, so that every weight has a gradient
+        train_module.train_step(state, state.model, schedule, batches, cfg, runtime)
+    reference_model = copy.deepcopy(state.model)
+    reference = torch.optim.AdamW(parameter_groups(reference_model, 0.01), foreach=False, fused=False)
+    reference.load_state_dict(copy.deepcopy(state.optimizer.state_dict()))  # moments, step, lr, betas, decay
+    for group in reference.param_groups:
+        group["fused"] = False  # the saved groups would make it fused again
+    train_module.train_step(state, state.model, schedule, batches, cfg, runtime)
+    for p, ref in zip(state.model.parameters(), reference_model.parameters(), strict=True):
         ref.grad = p.grad.clone()
     before = [ref.detach().clone() for ref in reference_model.parameters()]
     reference.step()
-    for p, ref in zip(trainer.model.parameters(), reference_model.parameters(), strict=True):
+    for p, ref in zip(state.model.parameters(), reference_model.parameters(), strict=True):
         torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-7)
     assert all(not torch.equal(ref, b) for ref, b in zip(reference_model.parameters(), before, strict=True))
 
 
+def test_weight_decay_applies_to_weights_only(smoke_cfg: Config) -> None:
+    """As nanoGPT's configure_optimizers: matrices and convolution kernels decay, biases and norms do not."""
+    cfg = apply_overrides(smoke_cfg, ["train.weight_decay=0.05"])
+    state = build_train_state(cfg, setup_runtime(cfg.runtime, "cpu"), 0, cfg.train.steps)
+    names = {id(p): name for name, p in state.model.named_parameters()}
+    decayed = {names[id(p)] for g in state.optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {names[id(p)] for g in state.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | plain == set(names.values()) and not decayed & plain
+    assert "input_conv.weight" in decayed and "time_mlp.0.weight" in decayed
+    assert "input_conv.bias" in plain and "out_norm.weight" in plain and "out_norm.bias" in plain
+
+
 def test_epochs_set_the_length(smoke_cfg: Config) -> None:
     cfg = apply_overrides(smoke_cfg, ["train.steps=0", "train.epochs=1", "data.limit=128", "train.sample_every=0"])
-    run_dir = train_module.train(cfg)
+    run_dir = train_module.train(cfg)  # no hooks: no previews, and nothing else missing
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 128 // 32
+    assert not (run_dir / "samples").exists()
 
 
 def test_periodic_evaluation_is_logged(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg, "train.eval_every=10", "train.eval_n=8", "train.sample_every=0")
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     for key in ("fid_mnist", "inception_score", "confidence", "class_kl"):
         assert [e.step for e in events.Scalars(f"eval/{key}")] == [10, 20], key

@@ -1,4 +1,4 @@
-"""What `ddpm schedule` prints and writes."""
+"""The schedule report: what `ddpm schedule` prints, and its CSV and plot."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import ensure_writable
+from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable
 from ddpm_mnist.schedule import NoiseSchedule, make_schedule, summary_rows, write_csv
 
 
@@ -32,9 +32,11 @@ def describe_schedule(label: str, cfg: Config, schedule: NoiseSchedule) -> str:
 
 def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: Path | None = None) -> str:
     """Summaries of each config's schedule; writes the CSV (one config) and the plot if asked."""
-    for path in (csv, plot):
-        if path is not None:
-            ensure_writable(path)
+    if csv is not None:
+        ensure_writable(check_suffix(csv, "--csv", (".csv",)))
+    if plot is not None:
+        ensure_writable(check_suffix(plot, "--plot", (".png",)))
+    check_distinct({"--csv": csv, "--plot": plot})
     schedules = {label: make_schedule(cfg.schedule) for label, cfg in configs.items()}
     text = [describe_schedule(label, configs[label], sch) for label, sch in schedules.items()]
     if csv is not None:
@@ -45,10 +47,10 @@ def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: 
             raise UserError(f"cannot write {csv}: {exc.strerror or exc}") from None
         text.append(f"wrote {csv} ({schedule.num_timesteps} rows)")
     if plot is not None:
-        from ddpm_mnist.plots import write_schedule_plot
+        from ddpm_mnist.plots import save_figure, schedule_figure
 
         try:
-            write_schedule_plot(schedules, plot)
+            save_figure(schedule_figure(schedules), plot)
         except OSError as exc:
             raise UserError(f"cannot write {plot}: {exc.strerror or exc}") from None
         text.append(f"wrote {plot}")

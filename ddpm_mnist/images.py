@@ -1,0 +1,131 @@
+"""Image files: grids, one PNG per image, tensors of samples, and the denoising trajectory.
+
+Every writer goes through `paths.atomic_file`, so a killed process or a full disk never leaves a
+partial file under a final name. Images arrive as uint8 (B, 1, 28, 28) in [0, 255], or as float
+in [-1, 1] where a writer says so (the ranges of `data.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpm_mnist.data import to_uint8
+from ddpm_mnist.errors import UserError
+from ddpm_mnist.paths import atomic_file
+
+TRAJECTORY_IMAGES = 8  # samples shown in a trajectory
+TRAJECTORY_FRAMES = 40  # GIF frames, evenly spread over the steps
+STRIP_TIMESTEPS = 8  # columns of the snapshot strip
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> torch.Tensor:
+    """Write images (B, 1, 28, 28) in [-1, 1] as one PNG grid; return the grid (3, H, W) uint8."""
+    from torchvision.utils import make_grid, save_image
+
+    nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
+    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2, pad_value=255)  # (3, H, W) uint8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_image(grid.float() / 255, tmp, format="png")  # exact: save_image rounds x * 255 back
+    return grid
+
+
+def save_each(images: torch.Tensor, folder: Path, first: int = 0) -> Path:
+    """Each uint8 image (1, 28, 28) as `folder/NNNNNN.png`, numbered from `first`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images, start=first):
+        with atomic_file(folder / f"{k:06d}.png") as tmp:
+            Image.fromarray(image[0].numpy(), mode="L").save(tmp, format="PNG")
+    return folder
+
+
+def save_tensor(images: torch.Tensor, path: Path) -> Path:
+    """All images as one file: `.pt` (a uint8 tensor (N, 1, 28, 28)) or `.npz` (array `images`, same)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images.numpy())
+        else:
+            torch.save(images.clone(), tmp)
+    return path
+
+
+def load_samples(path: Path) -> torch.Tensor:
+    """Read a `.pt` or `.npz` file written by `save_tensor`: uint8 (N, 1, 28, 28)."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                images = torch.from_numpy(data["images"])
+        else:
+            images = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such samples file") from None
+    except Exception as exc:  # any unreadable file reads the same to the user
+        raise UserError(f"{path}: not a samples file written by ddpm sample ({type(exc).__name__})") from None
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (1, 28, 28):
+        raise UserError(f"{path}: expected uint8 images of shape (N, 1, 28, 28)")
+    return images
+
+
+def strip_path(trajectory: Path) -> Path:
+    """Where the snapshot strip of a trajectory GIF goes: `<stem>_strip.png` beside it."""
+    return trajectory.with_name(f"{trajectory.stem}_strip.png")
+
+
+class TrajectoryRecorder:
+    """Keeps x_t and x0_hat of the first `count` images at the steps shown in the GIF and strip.
+
+    `reverse` is the `ReverseSampler` being run (its `timesteps` and `predict_x0`).
+    """
+
+    def __init__(self, reverse: Any, count: int) -> None:
+        self.reverse = reverse
+        self.count = count
+        last = reverse.num_steps - 1
+        self.frame_steps = sorted({round(i * last / (TRAJECTORY_FRAMES - 1)) for i in range(TRAJECTORY_FRAMES)})
+        self.strip_steps = sorted({round(i * last / (STRIP_TIMESTEPS - 1)) for i in range(STRIP_TIMESTEPS)})
+        self.x_t: dict[int, torch.Tensor] = {}
+        self.x0_hat: dict[int, torch.Tensor] = {}
+
+    def on_step(self, i: int, t: torch.Tensor, x_t: torch.Tensor, output: torch.Tensor) -> None:
+        """Record step i (a `generate` callback)."""
+        if i in self.frame_steps or i in self.strip_steps:
+            x, out = x_t[: self.count], output[: self.count]
+            self.x_t[i] = x.cpu()
+            self.x0_hat[i] = self.reverse.predict_x0(i, out, x).cpu()
+
+    def save(self, final: torch.Tensor, path: Path) -> list[Path]:
+        """Write the GIF at `path` and the strip beside it; final: uint8 (count, 1, 28, 28), the last frame."""
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frames = []
+        for i in self.frame_steps:
+            pair = torch.cat([to_uint8(self.x_t[i].clamp(-1, 1)), to_uint8(self.x0_hat[i])])  # x_t row, x0_hat row
+            grid = make_grid(pair, nrow=self.count, padding=2, pad_value=255)[0]
+            image = Image.fromarray(grid.numpy(), mode="L")
+            frames.append(image.resize((image.width * 2, image.height * 2), Image.NEAREST))
+        done = make_grid(torch.cat([final, final]), nrow=self.count, padding=2, pad_value=255)[0]
+        frames += [Image.fromarray(done.numpy(), mode="L").resize(frames[0].size, Image.NEAREST)] * 15
+        with atomic_file(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+        strip = strip_path(path)
+        self._save_strip(strip)
+        return [path, strip]
+
+    def _save_strip(self, path: Path) -> None:
+        from ddpm_mnist.plots import save_figure, trajectory_figure
+
+        timesteps = [int(self.reverse.timesteps[i]) for i in self.strip_steps]
+        x_t = [self.x_t[i] for i in self.strip_steps]
+        x0_hat = [self.x0_hat[i] for i in self.strip_steps]
+        save_figure(trajectory_figure(timesteps, x_t, x0_hat, rows=min(self.count, 4)), path, dpi=100)

@@ -1,0 +1,155 @@
+"""A run's folder: who may write it, and what `--resume` and `--overwrite` do to it.
+
+One process writes a run folder at a time: it holds an exclusive `flock` on `<run>/.lock` for
+the whole run, so a second `ddpm train` on the same folder (or an `--overwrite` of it) is refused
+with the PID of the holder. The operating system releases the lock when its process dies, so a
+killed run never blocks the next one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ddpm_mnist import checkpoint as ckpt
+from ddpm_mnist.config import Config, dump_yaml, to_dict
+from ddpm_mnist.errors import CheckpointError, RunError, UserError
+from ddpm_mnist.paths import write_text
+
+LOCK = ".lock"
+# What --resume refuses to change: the model's identity, and what decides the data order.
+FROZEN_ON_RESUME = ("schedule", "model", "seed", "data.limit")
+# What --overwrite removes (the lock stays: it is held while removing)
+RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "config.yaml")
+
+
+class RunFolder:
+    """`out_dir/name`, locked by this process until `release()` (a context manager does both)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoints = path / "checkpoints"
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> RunFolder:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def lock(self) -> None:
+        """Take the folder's exclusive lock, or raise RunError naming the process that holds it."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(f"cannot write the run folder {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(f"cannot lock the run folder {self.path}: {exc.strerror or exc}") from None
+            raise RunError(
+                f"{self.path} is in use by process {holder} (a ddpm train of the same run): wait for it to finish, "
+                "stop it, or pick another name with --set name=NEW"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Give the lock back (closing the file releases the flock)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def holds_run(self) -> bool:
+        """True when the folder already holds a run's config or checkpoints."""
+        return (self.path / "config.yaml").exists() or any(self.checkpoints.glob("*.pt"))
+
+    def prepare(self, cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any]] | None:
+        """Apply --resume / --overwrite; return (path, contents) of the checkpoint to resume from, if any."""
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other: pick one")
+        if self.holds_run() and not (resume or overwrite):
+            raise RunError(
+                f"{self.path} already holds a run: add --resume to continue it, --overwrite to replace it, "
+                "or pick another name with --set name=NEW"
+            )
+        if overwrite:
+            self._remove_outputs()
+        if not resume:
+            return None
+        found = self.resume_checkpoint()
+        if found is not None:
+            check_frozen_keys(cfg, ckpt.checkpoint_config(found[1], found[0]), self.path)
+        return found
+
+    def resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """latest.pt, or when it is missing the newest numbered checkpoint that loads (said on stdout).
+
+        None only when the folder holds no checkpoint at all. A damaged latest.pt is an error, not a
+        reason to go back silently: deleting it resumes from the numbered ones.
+        """
+        latest = self.checkpoints / ckpt.LATEST
+        if latest.exists():
+            try:
+                return latest, ckpt.load_checkpoint(latest)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; delete it to resume from the newest numbered checkpoint") from None
+        numbered = ckpt.numbered_checkpoints(self.checkpoints)
+        reasons = []
+        for path in numbered:
+            try:
+                contents = ckpt.load_checkpoint(path)
+            except CheckpointError as exc:
+                reasons.append(str(exc))
+                continue
+            skipped = f" ({len(reasons)} newer one(s) do not load)" if reasons else ""
+            print(f"note: {latest} is missing: resuming from {path.name}, the newest checkpoint that loads{skipped}")
+            return path, contents
+        if numbered:
+            raise CheckpointError(f"no checkpoint in {self.checkpoints} loads; the newest says: {reasons[0]}")
+        return None
+
+    def _remove_outputs(self) -> None:
+        try:
+            for name in RUN_OUTPUTS:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            for events in self.path.glob("events.out.tfevents.*"):
+                events.unlink()
+        except OSError as exc:
+            raise RunError(f"cannot clear the run folder {self.path}: {exc.strerror or exc}") from None
+
+    def write_config(self, cfg: Config) -> None:
+        """The resolved config as `<run>/config.yaml`."""
+        try:
+            write_text(self.path / "config.yaml", dump_yaml(cfg))
+        except UserError as exc:
+            raise RunError(f"cannot write the run folder {self.path}: {exc}") from None
+
+
+def check_frozen_keys(cfg: Config, saved: Config, run_dir: Path) -> None:
+    """Refuse a resume whose config changes the model, the schedule or the data order."""
+    saved_values, values = to_dict(saved), to_dict(cfg)
+    for key in FROZEN_ON_RESUME:
+        section, _, name = key.partition(".")
+        before, now = saved_values[section], values[section]
+        if name:
+            before, now = before[name], now[name]
+        if before != now:
+            raise RunError(
+                f"--resume: the config's {key} differs from the run's in {run_dir} "
+                f"(see {run_dir / 'config.yaml'}); resume with the same {key}, or start a new run"
+            )

@@ -1,0 +1,127 @@
+"""`ddpm sample`: images from a checkpoint, streamed batch by batch to their files.
+
+Every argument (extensions, distinct paths, writable folders, the memory the run needs) is
+checked before any sampling starts. Each batch goes to `--images-dir` as soon as it is made; only
+the grid (its first GRID_MAX images) and a `--tensor` file are held in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm_mnist.config import Config, ModelConfig
+from ddpm_mnist.data import to_model_range
+from ddpm_mnist.device import available_memory_bytes
+from ddpm_mnist.errors import UserError
+from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
+from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable
+from ddpm_mnist.sample import NOISE_CHUNK, Sampling, prepare_sampling
+
+GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --tensor take every image
+
+
+def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: int) -> int:
+    """A generous estimate of the memory sampling needs: one batch's activations and noise, plus the
+    images kept for the grid and a tensor file (twice: the pieces and their concatenation)."""
+    floats = 0
+    for level, mult in enumerate(model_cfg.channel_mult):
+        side = 28 // 2**level
+        floats += model_cfg.base_channels * mult * side * side * (3 * model_cfg.num_res_blocks + 4)  # feature maps
+        if side in model_cfg.attention_resolutions:
+            floats += model_cfg.num_heads * (side * side) ** 2  # attention scores
+    per_image = 2 * 4 * floats + 4 * 28 * 28 * NOISE_CHUNK  # float32 activations (x2 for temporaries), noise
+    return batch_size * per_image + 2 * images_kept * 28 * 28
+
+
+def check_memory(run: Sampling, n: int, batch_size: int, keep_all: bool) -> None:
+    """Refuse up front an --n or --batch-size whose memory cannot fit where sampling runs."""
+    kept = n if keep_all else min(n, GRID_MAX)
+    needed = sampling_memory_bytes(run.cfg.model, min(batch_size, n), kept)
+    available = available_memory_bytes(run.runtime.device)
+    if available is not None and needed > available:
+        raise UserError(
+            f"sampling {n:,} images in batches of {min(batch_size, n):,} needs about {needed / 2**30:.1f} GiB, and "
+            f"{available / 2**30:.1f} GiB is free on {run.runtime.device}: lower --batch-size"
+            + (", or --n (a --tensor file holds every image in memory)" if keep_all else "")
+        )
+
+
+def sample_from_checkpoint(
+    ckpt_path: Path,
+    *,
+    options: dict[str, Any] | None = None,
+    device_name: str | None = None,
+    out: Path | None = None,
+    images_dir: Path | None = None,
+    tensor_path: Path | None = None,
+    trajectory: Path | None = None,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Sample images from a checkpoint and write them; return the grid's path.
+
+    `options` are typed sample-time settings (n, steps, seed, batch_size, sampler, eta, use_ema;
+    None keeps the checkpoint's value). Same checkpoint, seed and options give the same images,
+    byte for byte, on the same machine, whatever the batch size. Every argument is checked before
+    any sampling starts.
+    """
+    for path, option, suffixes in ((out, "--out", (".png",)), (tensor_path, "--tensor", (".pt", ".npz")),
+                                   (trajectory, "--trajectory", (".gif",))):
+        if path is not None:
+            check_suffix(path, option, suffixes)
+    run = prepare_sampling(ckpt_path, options or {}, overrides, device_name)
+    s = run.cfg.sample
+    out = out or default_grid_path(ckpt_path, run.cfg)
+    check_distinct({"--out": out, "--tensor": tensor_path, "--trajectory": trajectory,
+                    "--trajectory's strip": strip_path(trajectory) if trajectory else None})
+    for path in (out, tensor_path, trajectory):
+        if path is not None:
+            ensure_writable(path)
+    if images_dir is not None:
+        ensure_writable(images_dir, folder=True)
+    check_memory(run, s.n, s.batch_size, keep_all=tensor_path is not None)
+    recorder = TrajectoryRecorder(run.reverse, min(TRAJECTORY_IMAGES, s.n)) if trajectory else None
+    print(f"sampling {s.n} images: {run.note}")
+    started = time.perf_counter()
+    grid, kept = [], []
+    on_step = recorder.on_step if recorder is not None else None
+    for first, batch in run.batches(s.n, run.cfg.seed, s.batch_size, on_step=on_step):
+        if images_dir is not None:
+            write_output(images_dir, save_each, batch, images_dir, first)
+        grid.append(batch[: max(0, GRID_MAX - first)])
+        if tensor_path is not None:
+            kept.append(batch)
+    elapsed = time.perf_counter() - started
+    written = [write_output(out, save_grid, to_model_range(torch.cat(grid)), out)]
+    if images_dir is not None:
+        written.append(images_dir)
+    if tensor_path is not None:
+        written.append(write_output(tensor_path, save_tensor, torch.cat(kept), tensor_path))
+    if recorder is not None:
+        written += write_output(trajectory, recorder.save, grid[0][: recorder.count], trajectory)
+    shown = f" (the grid shows the first {GRID_MAX:,})" if s.n > GRID_MAX else ""
+    print(f"sampled {s.n} images in {elapsed:.1f} s ({s.n * s.steps / elapsed:.0f} image-steps/s){shown}: "
+          + ", ".join(str(p) for p in written))
+    return out
+
+
+def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:
+    """`<run>/samples/<sampler><steps>_seed<seed>_n<n>.png` for a checkpoint inside a run folder,
+    else next to the checkpoint."""
+    s = cfg.sample
+    name = f"{s.sampler}{s.steps}_seed{cfg.seed}_n{s.n}{'' if s.use_ema else '_raw'}.png"
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent / "samples" / name
+    return ckpt_path.with_name(f"{ckpt_path.stem}_{name}")
+
+
+def write_output(path: Path, writer: Callable[..., Any], *args: Any) -> Any:
+    """Call a writer, turning a refused write (no space, no permission) into one UserError line."""
+    try:
+        return writer(*args)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None

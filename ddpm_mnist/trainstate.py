@@ -1,0 +1,119 @@
+"""Training state in one place: what a run is built from, what it carries from step to step, and how.
+
+`setup_training` builds a run's fixed parts (its data and noise schedule) and its `TrainState`:
+the model, its EMA, the optimiser, the lr schedule, this process's noise generator and the step.
+`checkpoint.py` saves and restores the state whole; `train.py` steps it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.swa_utils import AveragedModel
+
+from ddpm_mnist.config import Config, TrainConfig
+from ddpm_mnist.data import EpochBatches, load_mnist
+from ddpm_mnist.device import Runtime
+from ddpm_mnist.rng import MODEL_INIT, TRAIN_NOISE, derive_seed
+from ddpm_mnist.schedule import NoiseSchedule, make_schedule
+from ddpm_mnist.unet import UNet
+
+
+@dataclass
+class TrainState:
+    """Everything a training run changes as it goes (one per process under torchrun)."""
+
+    model: UNet
+    ema: AveragedModel  # ema.module samples; ema.n_averaged counts its updates
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler
+    generator: torch.Generator  # this process's timesteps and noise, step after step
+    step: int = 0  # optimiser steps taken (the next step to run)
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (train.nan_policy: skip)
+
+
+def setup_training(
+    cfg: Config, runtime: Runtime, rank: int = 0, world_size: int = 1
+) -> tuple[EpochBatches, NoiseSchedule, int, TrainState]:
+    """A run's data (this process's shard, on the device as uint8), its noise schedule, its length
+    in steps, and a fresh state."""
+    images, _ = load_mnist(cfg.data.root, train=True, download=cfg.data.download)
+    if cfg.data.limit:
+        images = images[: cfg.data.limit]
+    batches = EpochBatches(images.to(runtime.device), cfg.train.batch_size, cfg.seed, rank, world_size)
+    total_steps = cfg.train.steps or cfg.train.epochs * batches.steps_per_epoch
+    schedule = make_schedule(cfg.schedule).to(runtime.device)
+    return batches, schedule, total_steps, build_train_state(cfg, runtime, rank, total_steps)
+
+
+def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int) -> TrainState:
+    """A fresh state: the same initial weights on every process, this process's own noise stream."""
+    training = cfg.train
+    with torch.random.fork_rng(devices=[]):  # the weights come from their own seed, not the global stream
+        torch.manual_seed(derive_seed(cfg.seed, MODEL_INIT))
+        model = UNet(cfg.model).to(runtime.device)
+    if training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(training.ema_decay, training.ema_warmup), use_buffers=True)
+    # fused: one kernel for all parameters (on this project's 2-core CPU, 4 ms a step against 17 ms)
+    optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr, betas=(0.9, 0.999),
+                                  fused=runtime.device.type in ("cuda", "cpu"))
+    generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, TRAIN_NOISE, rank))
+    return TrainState(model, ema, optimizer, make_lr_scheduler(optimizer, training, total_steps), generator)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights (2 or more dimensions) only, not on biases and GroupNorm scales (as nanoGPT)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ema_avg_fn(max_decay: float, warmup: bool):
+    """EMA update for `AveragedModel(multi_avg_fn=...)`: ema <- lerp(ema, param, 1 - decay).
+
+    decay = min(max_decay, (1 + n) / (10 + n)) after n updates with warmup, so that early
+    samples are not those of the initial weights; computed on the device (no host sync).
+    """
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        decay = torch.as_tensor(max_decay, dtype=torch.float32, device=num_averaged.device)
+        if warmup:
+            n = num_averaged.float()
+            decay = torch.minimum(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+    return update
+
+
+def ema_decay_at(updates: int, max_decay: float, warmup: bool) -> float:
+    """The decay `ema_avg_fn` uses after `updates` updates (for logging)."""
+    return min(max_decay, (1 + updates) / (10 + updates)) if warmup else max_decay
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """The learning rate of optimiser step `step` (0-based) as a fraction of train.lr.
+
+    Linear warmup over `warmup` steps (1/warmup, 2/warmup, ..., 1), then constant, or a cosine
+    from 1 down to `min_ratio` at the last step.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - 1 - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, training: TrainConfig, total_steps: int) -> LRScheduler:
+    """torch's LambdaLR over `lr_factor`. Its state is only the step count, so a run resumed with a
+    longer train.steps follows the config's schedule rather than the old one."""
+    factor = functools.partial(lr_factor, warmup=training.warmup_steps, total=total_steps,
+                               kind=training.lr_schedule, min_ratio=training.min_lr_ratio)
+    return LambdaLR(optimizer, factor)
