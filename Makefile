@@ -1,6 +1,6 @@
 # Two commands are the whole setup on a fresh machine:
 #   make demo   create .venv, install, fetch MNIST, train a small model, sample a grid
-#   make test   create .venv, install the dev extras, run the tests
+#   make test   create .venv, install the dev extras, run the linter and the tests
 PYTHON ?= python3
 DEMO_STEPS ?= 800
 VENV   := .venv
@@ -24,6 +24,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check ddpm_mnist tests scripts
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev

@@ -7,6 +7,7 @@ in [-1, 1] where a writer says so (the ranges of `data.py`).
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,13 @@ def save_each(images: torch.Tensor, folder: Path, first: int = 0) -> Path:
 def save_tensor(images: torch.Tensor, path: Path) -> Path:
     """All images as one file: `.pt` (a uint8 tensor (N, 1, 28, 28)) or `.npz` (array `images`, same)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # in memory first: torch.save onto a full disk fails as a RuntimeError, not an OSError
+    if path.suffix == ".npz":
+        np.savez_compressed(buffer, images=images.numpy())
+    else:
+        torch.save(images.clone(), buffer)
     with atomic_file(path) as tmp:
-        if path.suffix == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=images.numpy())
-        else:
-            torch.save(images.clone(), tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return path
 
 

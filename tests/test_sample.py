@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,65 @@ def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
 def test_cuda_graph_replay_gives_the_eager_images(kind: str) -> None:
     eager, graphed = static_vs_eager(torch.device("cuda"), kind)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_x0_hat_at_the_cosine_schedules_last_step_does_not_cancel(prediction: str) -> None:
+    """abar is about 2.4e-9 at t = 999 of the cosine schedule: x0_hat = a x_t + b eps with a and b
+    near +-2e4 lost up to 7.6e-3 to cancellation. Against float64 from the same float32 inputs.
+
+    What remains (1.2e-4) is float32's own limit, as in diffusers: sqrt(1 - abar) = 1 - 1.2e-9 is
+    1.0 in float32, and 1.2e-9 |eps| / sqrt(abar) is about 1e-4."""
+    schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
+    sampler = ReverseSampler(schedule, 1000, prediction_type=prediction, clip_sample=False)
+    abar = torch.cumprod(1 - make_betas("cosine", 1000), 0)[999]  # float64
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).float()  # a consistent x_t: the hard case
+    target = {"epsilon": eps, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "x0": x0}[prediction]
+    output = (target + 1e-6 * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
+    x, out = x_t.double(), output.double()
+    exact = {"epsilon": (x - (1 - abar).sqrt() * out) / abar.sqrt(),
+             "v": abar.sqrt() * x - (1 - abar).sqrt() * out, "x0": out}[prediction]
+    got = sampler.predict_x0(0, output, x_t).double()
+    assert (got - exact).abs().max() < 2.5e-4
+
+
+def test_a_respaced_schedule_keeps_the_originals_noise_levels() -> None:
+    from ddpm_mnist.schedule import respace
+
+    schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
+    kept = sorted(spaced_timesteps(1000, 37))
+    spaced = respace(schedule, kept)
+    assert spaced.num_timesteps == 37
+    torch.testing.assert_close(spaced.alphas_cumprod, schedule.alphas_cumprod[kept], rtol=1e-5, atol=0)
+    # its posterior is that of the jump t_k -> t_(k-1), Eq. (7) with abar_prev = abar at t_(k-1)
+    abar, abar_prev = schedule.alphas_cumprod[kept[5]].double(), schedule.alphas_cumprod[kept[4]].double()
+    beta = 1 - abar / abar_prev
+    assert spaced.posterior_variance[5].item() == pytest.approx(float(beta * (1 - abar_prev) / (1 - abar)), rel=1e-4)
+    whole = respace(schedule, list(range(1000)))  # recomputed from the float32 betas: equal up to rounding
+    torch.testing.assert_close(whole.alphas_cumprod, schedule.alphas_cumprod, rtol=1e-4, atol=0)
+
+
+def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained_run: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    """A checkpoint written before the runtime section and the two AdamW groups (format 1)."""
+    state = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=True)
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
+    runtime = config.pop("runtime")
+    config["train"].update(runtime)  # format 1 kept device and mixed_precision in the train section
+    old = tmp_path / "old.pt"
+    torch.save({**state, "format_version": 1, "config": config}, old)
+    new_images = sample_from_checkpoint(trained_run / "checkpoints" / "latest.pt", options={"n": 3, "steps": 5},
+                                        out=tmp_path / "new.png")
+    old_images = sample_from_checkpoint(old, options={"n": 3, "steps": 5}, out=tmp_path / "old.png")
+    assert digest(new_images) == digest(old_images)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(old, run / "checkpoints" / "latest.pt")
+    code, _, err = run_cli(capsys, "train", "--config", trained_run / "config.yaml", "--set", f"out_dir={tmp_path}",
+                           "--set", "name=run", "--set", "train.steps=30", "--resume")
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "checkpoint format 1 was written by an earlier ddpm-mnist; it samples and evaluates, but training resumes "
+        "only from format 2: start a new run")

@@ -1,0 +1,49 @@
+"""The house rules of issue 13, checked on the code itself so that they cannot quietly erode.
+
+Training sits below sampling and evaluation (train.py imports none of them), no module leans on
+more than 8 others at run time, and every function fits on a screen.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "ddpm_mnist"
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The package modules a file imports when it runs (not those under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and getattr(block.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only or not isinstance(node, ast.ImportFrom) or not node.module:
+            continue
+        if node.module.startswith("ddpm_mnist."):
+            found.add(node.module.split(".")[1])
+        elif node.module == "ddpm_mnist":
+            found.update(alias.name for alias in node.names if not alias.name.startswith("__"))
+    return found - {path.stem}
+
+
+def test_training_does_not_depend_on_sampling_or_evaluation() -> None:
+    assert not runtime_imports(PACKAGE / "train.py") & {"sample", "sample_files", "evaluate", "classifier", "plots",
+                                                        "previews"}
+
+
+def test_no_module_imports_more_than_eight_others() -> None:
+    counts = {path.name: len(runtime_imports(path)) for path in PACKAGE.glob("*.py")}
+    assert max(counts.values()) <= 8, {name: n for name, n in counts.items() if n > 8}
+
+
+def test_every_function_fits_on_a_screen() -> None:
+    long = {}
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60:
+                long[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, long
