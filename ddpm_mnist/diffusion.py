@@ -149,7 +149,7 @@ class ReverseSampler:
             self.direction = (1 - s.alphas_cumprod_prev.double() - self.sigmas**2).clamp(min=0).sqrt().float()
         self.sigmas[0] = 0.0  # the last step (k = 0, t -> x_0) adds no noise
         self.sigmas = self.sigmas.float()
-        self.needs_noise = [bool(self.sigmas[num_steps - 1 - i] > 0) for i in range(num_steps)]
+        self.needs_noise = (self.sigmas > 0).tolist()[::-1]  # in step order, read back once
 
     @property
     def num_steps(self) -> int:

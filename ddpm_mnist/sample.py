@@ -18,9 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ddpm_mnist import checkpoint as ckpt
-from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, apply_overrides, with_sample_options
+from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, apply_overrides, with_sample_options
 from ddpm_mnist.data import to_uint8
-from ddpm_mnist.device import Runtime, autocast, setup_runtime
+from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
 from ddpm_mnist.diffusion import ReverseSampler
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
@@ -188,7 +188,33 @@ class Sampling:
 
     def images(self, n: int, seed: int, batch_size: int, *, desc: str = "sample") -> torch.Tensor:
         """All n images at once, uint8 (n, 1, 28, 28)."""
+        self.check_memory(n, batch_size, images_kept=n)
         return torch.cat([batch for _, batch in self.batches(n, seed, batch_size, desc=desc)])
+
+    def check_memory(self, n: int, batch_size: int, images_kept: int) -> None:
+        """Refuse up front an n or batch size whose memory cannot fit where sampling runs."""
+        batch = min(batch_size, n)
+        needed = sampling_memory_bytes(self.cfg.model, batch, images_kept)
+        available = available_memory_bytes(self.runtime.device)
+        if available is not None and needed > available:
+            raise UserError(
+                f"sampling {n:,} images in batches of {batch:,} needs about {needed / 2**30:.1f} GiB, and "
+                f"{available / 2**30:.1f} GiB is free on {self.runtime.device}: lower --batch-size"
+                + (" or --n (a --tensor file holds every image in memory)" if images_kept > 10_000 else "")
+            )
+
+
+def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: int) -> int:
+    """A generous estimate of the memory sampling needs: one batch's activations and noise, plus the
+    uint8 images kept in memory (twice: the pieces and their concatenation)."""
+    floats = 0
+    for level, mult in enumerate(model_cfg.channel_mult):
+        side = 28 // 2**level
+        floats += model_cfg.base_channels * mult * side * side * (3 * model_cfg.num_res_blocks + 4)  # feature maps
+        if side in model_cfg.attention_resolutions:
+            floats += model_cfg.num_heads * (side * side) ** 2  # attention scores
+    per_image = 2 * 4 * floats + 4 * 28 * 28 * NOISE_CHUNK  # float32 activations (x2 for temporaries), noise
+    return batch_size * per_image + 2 * images_kept * 28 * 28
 
 
 def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: list[str] | None = None,

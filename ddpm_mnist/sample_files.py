@@ -14,41 +14,14 @@ from typing import Any
 
 import torch
 
-from ddpm_mnist.config import Config, ModelConfig
+from ddpm_mnist.config import Config
 from ddpm_mnist.data import to_model_range
-from ddpm_mnist.device import available_memory_bytes
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
 from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable
-from ddpm_mnist.sample import NOISE_CHUNK, Sampling, prepare_sampling
+from ddpm_mnist.sample import prepare_sampling
 
 GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --tensor take every image
-
-
-def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: int) -> int:
-    """A generous estimate of the memory sampling needs: one batch's activations and noise, plus the
-    images kept for the grid and a tensor file (twice: the pieces and their concatenation)."""
-    floats = 0
-    for level, mult in enumerate(model_cfg.channel_mult):
-        side = 28 // 2**level
-        floats += model_cfg.base_channels * mult * side * side * (3 * model_cfg.num_res_blocks + 4)  # feature maps
-        if side in model_cfg.attention_resolutions:
-            floats += model_cfg.num_heads * (side * side) ** 2  # attention scores
-    per_image = 2 * 4 * floats + 4 * 28 * 28 * NOISE_CHUNK  # float32 activations (x2 for temporaries), noise
-    return batch_size * per_image + 2 * images_kept * 28 * 28
-
-
-def check_memory(run: Sampling, n: int, batch_size: int, keep_all: bool) -> None:
-    """Refuse up front an --n or --batch-size whose memory cannot fit where sampling runs."""
-    kept = n if keep_all else min(n, GRID_MAX)
-    needed = sampling_memory_bytes(run.cfg.model, min(batch_size, n), kept)
-    available = available_memory_bytes(run.runtime.device)
-    if available is not None and needed > available:
-        raise UserError(
-            f"sampling {n:,} images in batches of {min(batch_size, n):,} needs about {needed / 2**30:.1f} GiB, and "
-            f"{available / 2**30:.1f} GiB is free on {run.runtime.device}: lower --batch-size"
-            + (", or --n (a --tensor file holds every image in memory)" if keep_all else "")
-        )
 
 
 def sample_from_checkpoint(
@@ -83,7 +56,7 @@ def sample_from_checkpoint(
             ensure_writable(path)
     if images_dir is not None:
         ensure_writable(images_dir, folder=True)
-    check_memory(run, s.n, s.batch_size, keep_all=tensor_path is not None)
+    run.check_memory(s.n, s.batch_size, images_kept=s.n if tensor_path is not None else min(s.n, GRID_MAX))
     recorder = TrajectoryRecorder(run.reverse, min(TRAJECTORY_IMAGES, s.n)) if trajectory else None
     print(f"sampling {s.n} images: {run.note}")
     started = time.perf_counter()

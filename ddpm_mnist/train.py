@@ -113,7 +113,7 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
             if training.sample_every and step % training.sample_every == 0 and step != total:
                 preview(hooks, state, runtime, ddp, log, step)
                 interval.started = time.perf_counter()
-            if due(step, training.eval_every, total):
+            if training.eval_every and due(step, training.eval_every, total):
                 measure(hooks, state, runtime, ddp, log, step)
                 interval.started = time.perf_counter()
             if due(step, training.checkpoint_every, total) or stop_now:

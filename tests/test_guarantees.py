@@ -244,6 +244,16 @@ def test_6_an_impossible_sample_size_is_refused_before_sampling(trained_run: Pat
     assert "sampling" not in out and list(tmp_path.iterdir()) == []
 
 
+def test_6_eval_checks_memory_before_sampling_too(trained_run: Path, monkeypatch, capsys) -> None:
+    import ddpm_mnist.sample as sample
+
+    monkeypatch.setattr(sample, "available_memory_bytes", lambda device: 50 * 2**20)  # a nearly full machine
+    code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "500",
+                             "--steps", "2", "--batch-size", "500")
+    one_line_error(code, err, "sampling 500 images in batches of 500 needs about 0.5 GiB, and 0.0 GiB is free")
+    assert "sampling 500 images to evaluate" in out and "eval:" not in err  # refused before the first step
+
+
 def test_6_images_stream_to_their_files_batch_by_batch(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
     import ddpm_mnist.sample_files as sample_files
 
