@@ -69,7 +69,8 @@ def sample_from_checkpoint(
         if tensor_path is not None:
             kept.append(batch)
     elapsed = time.perf_counter() - started
-    written = [write_output(out, save_grid, to_model_range(torch.cat(grid)), out)]
+    write_output(out, save_grid, to_model_range(torch.cat(grid)), out)
+    written = [out]
     if images_dir is not None:
         written.append(images_dir)
     if tensor_path is not None:
@@ -77,7 +78,8 @@ def sample_from_checkpoint(
     if recorder is not None:
         written += write_output(trajectory, recorder.save, grid[0][: recorder.count], trajectory)
     shown = f" (the grid shows the first {GRID_MAX:,})" if s.n > GRID_MAX else ""
-    print(f"sampled {s.n} images in {elapsed:.1f} s ({s.n * s.steps / elapsed:.0f} image-steps/s){shown}: "
+    rate = s.n * run.cfg.reverse_steps / elapsed
+    print(f"sampled {s.n} images in {elapsed:.1f} s ({rate:.0f} image-steps/s){shown}: "
           + ", ".join(str(p) for p in written))
     return out
 
@@ -86,7 +88,9 @@ def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:
     """`<run>/samples/<sampler><steps>_seed<seed>_n<n>.png` for a checkpoint inside a run folder,
     else next to the checkpoint."""
     s = cfg.sample
-    name = f"{s.sampler}{s.steps}_seed{cfg.seed}_n{s.n}{'' if s.use_ema else '_raw'}.png"
+    spacing = f"_{s.timestep_spacing}" if cfg.reverse_steps < cfg.schedule.num_timesteps and \
+        s.timestep_spacing != "leading" else ""
+    name = f"{s.sampler}{cfg.reverse_steps}{spacing}_seed{cfg.seed}_n{s.n}{'' if s.use_ema else '_raw'}.png"
     if ckpt_path.parent.name == "checkpoints":
         return ckpt_path.parent.parent / "samples" / name
     return ckpt_path.with_name(f"{ckpt_path.stem}_{name}")

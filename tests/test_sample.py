@@ -152,6 +152,11 @@ def test_outputs_have_the_right_count_and_shape(trained_run: Path, tmp_path: Pat
     )
     assert code == 0, err
     grid = trained_run / "samples" / "ancestral20_seed0_n10.png"  # the default place
+    closing = out.strip().splitlines()[-1]  # names the files written, one line
+    assert closing.startswith("sampled 10 images in ") and closing.endswith(f"{grid}, {tmp_path / 'each'}, "
+                                                                              f"{tmp_path / 'all.npz'}, "
+                                                                              f"{tmp_path / 't.gif'}, "
+                                                                              f"{tmp_path / 't_strip.png'}")
     assert Image.open(grid).size == (4 * 30 + 2, 3 * 30 + 2)  # 4 x 3 grid of 28 px tiles with 2 px padding
     files = sorted((tmp_path / "each").iterdir())
     assert [f.name for f in files] == [f"{k:06d}.png" for k in range(10)]
