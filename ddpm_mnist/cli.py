@@ -104,7 +104,7 @@ def train(
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file, e.g. runs/cpu/checkpoints/latest.pt."),
     n: int = typer.Option(None, "--n", help="Number of images [default: sample.n, 64]."),
-    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps, 1000 = the full loop]."),
+    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
     seed: int = typer.Option(None, "--seed", help="Seed [default: the run's seed]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass; does not change the images."),
     sampler: str = typer.Option(None, "--sampler", help="ancestral (Ho et al.) or ddim [default: ancestral]."),
@@ -135,7 +135,7 @@ def eval_(
     ckpt: Path = typer.Option(None, "--ckpt", help="Checkpoint to sample from, then measure."),
     samples: Path = typer.Option(None, "--samples", help="Measure a .pt or .npz file written by ddpm sample --tensor."),
     n: int = typer.Option(None, "--n", help="Number of images [default: sample.n of the checkpoint]."),
-    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps, 1000]."),
+    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
     sampler: str = typer.Option(None, "--sampler", help="ancestral or ddim [default: ancestral]."),
     seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor [default: the run's]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),

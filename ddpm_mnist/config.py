@@ -41,6 +41,7 @@ def param(
 
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # Lin et al. 2023, Table 2; diffusers' timestep_spacing
 IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
 
 
@@ -121,7 +122,7 @@ class TrainConfig:
     log_every: int = param(50, "steps between scalar logs and progress-bar updates", ge=1)
     sample_every: int = param(1000, "steps between preview grids (0: only at the end)", ge=0)
     preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
-    preview_steps: int = param(50, "DDIM steps (eta 0) for preview grids", ge=1)
+    preview_steps: int = param(50, "DDIM steps (eta 0) for preview grids (at most T: all T when T is smaller)", ge=1)
     eval_every: int = param(0, "steps between classifier metrics of EMA samples in TensorBoard (0: off)", ge=0)
     eval_n: int = param(256, "samples for those metrics (DDIM with train.preview_steps)", ge=2, le=10000)
     checkpoint_every: int = param(1000, "steps between checkpoints (0: only at the end)", ge=0)
@@ -133,8 +134,12 @@ class SampleConfig:
     """Defaults for `ddpm sample` (each has a command-line flag too)."""
 
     n: int = param(64, "number of images", ge=1, le=10**7)
-    steps: int = param(1000, "reverse steps (the full ancestral loop is num_timesteps)", ge=1)
+    steps: int = param(0, "reverse steps (0: the full loop, T = schedule.num_timesteps steps)", ge=0)
     sampler: str = param("ancestral", "ancestral (Ho et al.) | ddim (Song et al.)", choices=("ancestral", "ddim"))
+    timestep_spacing: str = param(
+        "leading", "timesteps of a run of fewer than T steps: leading | trailing | linspace (diffusers' names)",
+        choices=TIMESTEP_SPACINGS,
+    )
     eta: float = param(0.0, "DDIM eta: 0 deterministic, 1 ancestral-like", ge=0, le=1)
     variance_type: str = param(
         "fixed_small", "fixed_small (beta-tilde) | fixed_large (beta)",
@@ -166,6 +171,16 @@ class Config:
     def run_dir(self) -> Path:
         """The run folder, `<out_dir>/<name>`."""
         return Path(self.out_dir) / self.name
+
+    @property
+    def reverse_steps(self) -> int:
+        """The reverse steps `ddpm sample` runs: sample.steps, or the full loop of T when it is 0."""
+        return self.sample.steps or self.schedule.num_timesteps
+
+    @property
+    def preview_steps(self) -> int:
+        """The DDIM steps of preview grids: train.preview_steps, at most T."""
+        return min(self.train.preview_steps, self.schedule.num_timesteps)
 
 
 SECTIONS: dict[str, type] = {
@@ -456,10 +471,9 @@ def _validate_lengths(cfg: Config, source: str) -> None:
             f"got steps={training.steps}, epochs={training.epochs} (to train by epochs, set steps: 0)"
         )
     if cfg.sample.steps > T:
-        raise ConfigError(f"{source}: sample.steps: must be <= schedule.num_timesteps ({T}), got {cfg.sample.steps}")
-    if training.preview_steps > T:
         raise ConfigError(
-            f"{source}: train.preview_steps: must be <= schedule.num_timesteps ({T}), got {training.preview_steps}"
+            f"{source}: sample.steps: must be <= schedule.num_timesteps ({T}), got {cfg.sample.steps} "
+            "(0 runs the full loop of T steps)"
         )
 
 

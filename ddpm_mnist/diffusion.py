@@ -8,6 +8,7 @@ into x0_hat and eps_hat by `predict_x0` and `predict_eps`, the only two places t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,18 +97,32 @@ def training_losses(
     return per_pixel.mean(dim=(1, 2, 3))
 
 
-def spaced_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
-    """The timesteps a reverse run visits, descending: every one for the full loop, else diffusers'
-    "leading" spacing, (0, k, 2k, ...) reversed with k = T // num_steps."""
-    ratio = num_timesteps // num_steps
-    return [i * ratio for i in range(num_steps)][::-1]
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
+    """The timesteps a reverse run visits, descending, as diffusers' `timestep_spacing` picks them
+    (Lin et al. 2023, Table 2); every timestep, T-1 down to 0, for the full loop whatever the spacing.
+
+    - leading: (0, k, 2k, ...) with k = T // num_steps; never starts at T-1 (50 steps start at 980).
+    - trailing: T - 1 down by T / num_steps (rounded): starts at T-1, ends near T / num_steps.
+    - linspace: num_steps points from 0 to T-1, rounded: starts at T-1, ends at 0.
+    """
+    T = num_timesteps
+    if spacing == "leading":
+        timesteps = np.arange(num_steps) * (T // num_steps)
+    elif spacing == "trailing":
+        timesteps = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64)[::-1] - 1
+    elif spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}")
+    return [int(t) for t in timesteps[::-1]]
 
 
 class ReverseSampler:
     """One reverse run over `num_steps` timesteps, built on the schedule respaced to them.
 
     `ancestral` is Algorithm 2 of Ho et al. (on a subsequence of timesteps when num_steps < T, as
-    diffusers' DDPMScheduler does); `ddim` is Song et al. 2021, Eq. (12), with eta. Step i of the
+    diffusers' DDPMScheduler does); `ddim` is Song et al. 2021, Eq. (12), with eta. Which timesteps
+    a shorter run visits is `timestep_spacing` (see `spaced_timesteps`). Step i of the
     loop (0 = the noisiest) is timestep `timesteps[i]` and index k = num_steps - 1 - i of the
     respaced schedule `self.schedule`, whose named buffers (posterior_mean_coef1, ...) each step reads.
     """
@@ -123,6 +138,7 @@ class ReverseSampler:
         clip_sample: bool = True,
         clip_sample_range: float = 1.0,
         eta: float = 0.0,
+        timestep_spacing: str = "leading",
         device: torch.device | str = "cpu",
     ) -> None:
         T = schedule.num_timesteps
@@ -134,7 +150,7 @@ class ReverseSampler:
             raise ValueError(f"unknown variance type {variance_type!r}")
         self.kind, self.prediction_type = sampler, prediction_type
         self.clip_range = clip_sample_range if clip_sample else None
-        timesteps = spaced_timesteps(T, num_steps)
+        timesteps = spaced_timesteps(T, num_steps, timestep_spacing)
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # step i -> t, descending
         self._index = {t: i for i, t in enumerate(timesteps)}
         self.schedule = respace(schedule, timesteps[::-1]).to(device)  # index k -> timesteps[num_steps - 1 - k]

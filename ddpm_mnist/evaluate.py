@@ -213,7 +213,8 @@ def evaluate(
         real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
         print(f"sampling {s.n} images to evaluate: {run.note}")
         images = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval")
-        source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": s.steps,
+        source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": run.cfg.reverse_steps,
+                  "timestep_spacing": s.timestep_spacing,
                   "seed": run.cfg.seed, "use_ema": s.use_ema}
     else:
         images = load_samples(samples_path)

@@ -35,7 +35,7 @@ class EMASamples:
         """n images (n, 1, 28, 28) in [-1, 1], the same noise at every call."""
         device = runtime.device
         if self._reverse is None:  # DDIM (eta 0) with the sample section's clipping, at train.preview_steps
-            sample = dataclasses.replace(self.cfg.sample, sampler="ddim", steps=self.cfg.train.preview_steps, eta=0.0)
+            sample = dataclasses.replace(self.cfg.sample, sampler="ddim", steps=self.cfg.preview_steps, eta=0.0)
             self._reverse = reverse_sampler(dataclasses.replace(self.cfg, sample=sample), device)
         noise = NoiseSource(derive_seed(self.cfg.seed, stream), stream, range(n), device)
         return generate(model, self._reverse, noise, runtime, static=device.type == "cuda")

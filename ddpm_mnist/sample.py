@@ -232,7 +232,9 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
     reverse = reverse_sampler(cfg, runtime.device)
     static = s.cuda_graph and runtime.device.type == "cuda"
     which = "EMA" if s.use_ema else "raw"
-    note = (f"{s.sampler}, {s.steps} steps, seed {cfg.seed}, {which} weights of step {state['step']:,}, "
+    spacing = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
+    note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {which} weights of step "
+            f"{state['step']:,}, "
             f"{runtime.device}, {runtime.precision_note}" + (", CUDA graph" if static else "")
             + (", compiled" if s.compile else ""))
     model = model.to(runtime.device)
@@ -247,7 +249,7 @@ def reverse_sampler(cfg: Config, device: torch.device) -> ReverseSampler:
     """The reverse sampler the config's `sample` section describes, for its schedule and prediction type."""
     s = cfg.sample
     return ReverseSampler(
-        make_schedule(cfg.schedule).to(device), s.steps, sampler=s.sampler, prediction_type=cfg.model.prediction_type,
-        variance_type=s.variance_type, clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range, eta=s.eta,
-        device=device,
+        make_schedule(cfg.schedule).to(device), cfg.reverse_steps, sampler=s.sampler,
+        prediction_type=cfg.model.prediction_type, variance_type=s.variance_type, clip_sample=s.clip_sample,
+        clip_sample_range=s.clip_sample_range, eta=s.eta, timestep_spacing=s.timestep_spacing, device=device,
     )

@@ -315,7 +315,7 @@ def test_8_sample_and_runtime_keys_can_change(trained_run: Path, tmp_path: Path,
                              "--out", tmp_path / "g.png", "--set", "sample.steps=3", "--set", "runtime.device=cpu",
                              "--set", "seed=5")
     assert code == 0, err
-    assert "3 steps, seed 5" in out
+    assert "3 steps (leading), seed 5" in out
 
 
 # --- 9. duplicate keys -------------------------------------------------------------------------------
