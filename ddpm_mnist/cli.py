@@ -88,8 +88,8 @@ def train(
     ),
 ) -> None:
     """Train a DDPM on MNIST: checkpoints, TensorBoard logs and sample grids go to out_dir/name/."""
-    from ddpm_mnist.distributed import Interrupted
     from ddpm_mnist.previews import training_hooks
+    from ddpm_mnist.train import Interrupted
     from ddpm_mnist.train import train as run_training
 
     cfg = _config(config, set_)
@@ -107,7 +107,9 @@ def sample(
     steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
     seed: int = typer.Option(None, "--seed", help="Seed [default: the run's seed]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass; does not change the images."),
-    sampler: str = typer.Option(None, "--sampler", help="ancestral (Ho et al.) or ddim [default: ancestral]."),
+    sampler: str = typer.Option(
+        None, "--sampler", help="ancestral (Ho et al.), ddim, or dpmpp_2m (give --steps, e.g. 20) [default: ancestral]."
+    ),
     eta: float = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic [default: 0]."),
     ema: bool = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: runtime.device)."),
@@ -136,20 +138,35 @@ def eval_(
     samples: Path = typer.Option(None, "--samples", help="Measure a .pt or .npz file written by ddpm sample --tensor."),
     n: int = typer.Option(None, "--n", help="Number of images [default: sample.n of the checkpoint]."),
     steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
-    sampler: str = typer.Option(None, "--sampler", help="ancestral or ddim [default: ancestral]."),
+    sampler: str = typer.Option(None, "--sampler", help="ancestral, ddim or dpmpp_2m [default: ancestral]."),
     seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor [default: the run's]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ [default: data.root of the run]."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON."),
+    sweep: str = typer.Option(
+        None, "--sweep", help="Compare settings from the same seeds, e.g. ancestral:1000,ddim:50,dpmpp_2m:20 "
+        "(sampler:steps[:spacing])."
+    ),
+    plot: Path = typer.Option(None, "--plot", help="With --sweep: also plot fid_mnist against model evaluations."),
     set_: list[str] = typer.Option(
         None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
     ),
 ) -> None:
     """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
+    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size}
+    if sweep is not None or plot is not None:
+        from ddpm_mnist.sweep import parse_sweep
+        from ddpm_mnist.sweep import sweep as run_sweep
+
+        if sweep is None or ckpt is None or samples is not None or steps is not None or sampler is not None:
+            raise UserError("--sweep (and --plot) sample from --ckpt, each setting with its own sampler and steps: "
+                            "give --ckpt and --sweep, not --samples, --steps or --sampler")
+        run_sweep(ckpt, parse_sweep(sweep), options=options, device_name=device, data_root=data,
+                  json_path=json_path, plot_path=plot, overrides=set_)
+        return
     from ddpm_mnist.evaluate import evaluate
 
-    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size}
     evaluate(ckpt, samples, options=options, device_name=device, data_root=data, json_path=json_path,
              overrides=set_)
 

@@ -135,7 +135,10 @@ class SampleConfig:
 
     n: int = param(64, "number of images", ge=1, le=10**7)
     steps: int = param(0, "reverse steps (0: the full loop, T = schedule.num_timesteps steps)", ge=0)
-    sampler: str = param("ancestral", "ancestral (Ho et al.) | ddim (Song et al.)", choices=("ancestral", "ddim"))
+    sampler: str = param(
+        "ancestral", "ancestral (Ho et al.) | ddim (Song et al.) | dpmpp_2m (DPM-Solver++ 2M, Lu et al.)",
+        choices=("ancestral", "ddim", "dpmpp_2m"),
+    )
     timestep_spacing: str = param(
         "leading", "timesteps of a run of fewer than T steps: leading | trailing | linspace (diffusers' names)",
         choices=TIMESTEP_SPACINGS,
@@ -469,6 +472,11 @@ def _validate_lengths(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: train.epochs: exactly one of train.steps and train.epochs must be positive, "
             f"got steps={training.steps}, epochs={training.epochs} (to train by epochs, set steps: 0)"
+        )
+    if cfg.sample.sampler == "dpmpp_2m" and cfg.reverse_steps >= T:
+        raise ConfigError(
+            f"{source}: sample.steps: dpmpp_2m takes fewer than schedule.num_timesteps ({T}) steps, got "
+            f"{cfg.reverse_steps}{' (0: the full loop)' if cfg.sample.steps == 0 else ''}; 20 is a good start"
         )
     if cfg.sample.steps > T:
         raise ConfigError(

@@ -117,6 +117,22 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading
     return [int(t) for t in timesteps[::-1]]
 
 
+def dpm_solver_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
+    """The timesteps DPM-Solver evaluates the model at, descending, as diffusers'
+    DPMSolverMultistepScheduler picks them: leading and linspace spread num_steps + 1 points and
+    drop the last (the solver's final step goes to sigma = 0, the clean image); trailing is as above."""
+    T = num_timesteps
+    if spacing == "leading":
+        timesteps = np.arange(num_steps + 1) * (T // (num_steps + 1))
+    elif spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, num_steps + 1).round().astype(np.int64)
+    elif spacing == "trailing":
+        return spaced_timesteps(T, num_steps, spacing)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}")
+    return [int(t) for t in timesteps[::-1][:-1]]
+
+
 class ReverseSampler:
     """One reverse run over `num_steps` timesteps, built on the schedule respaced to them.
 
@@ -144,18 +160,26 @@ class ReverseSampler:
         T = schedule.num_timesteps
         if not 1 <= num_steps <= T:
             raise ValueError(f"num_steps must be in 1..{T}, got {num_steps}")
-        if sampler not in ("ancestral", "ddim"):
+        if sampler not in ("ancestral", "ddim", "dpmpp_2m"):
             raise ValueError(f"unknown sampler {sampler!r}")
+        if sampler == "dpmpp_2m" and num_steps >= T:
+            raise ValueError(f"dpmpp_2m takes fewer than T = {T} steps, got {num_steps}")
         if variance_type not in ("fixed_small", "fixed_large"):
             raise ValueError(f"unknown variance type {variance_type!r}")
         self.kind, self.prediction_type = sampler, prediction_type
         self.clip_range = clip_sample_range if clip_sample else None
-        timesteps = spaced_timesteps(T, num_steps, timestep_spacing)
+        pick = dpm_solver_timesteps if sampler == "dpmpp_2m" else spaced_timesteps
+        timesteps = pick(T, num_steps, timestep_spacing)
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # step i -> t, descending
         self._index = {t: i for i, t in enumerate(timesteps)}
         self.schedule = respace(schedule, timesteps[::-1]).to(device)  # index k -> timesteps[num_steps - 1 - k]
 
         s = self.schedule
+        self.multistep = sampler == "dpmpp_2m"
+        if self.multistep:
+            self._dpm_solver_coefficients(schedule, timesteps)
+            self.needs_noise = [False] * num_steps
+            return
         if sampler == "ancestral":  # sigma_t^2 = beta-tilde_t (fixed_small) or beta_t (fixed_large), Sec. 3.2
             variance = s.posterior_variance if variance_type == "fixed_small" else s.betas
             self.sigmas = variance.double().sqrt()
@@ -166,6 +190,29 @@ class ReverseSampler:
         self.sigmas[0] = 0.0  # the last step (k = 0, t -> x_0) adds no noise
         self.sigmas = self.sigmas.float()
         self.needs_noise = (self.sigmas > 0).tolist()[::-1]  # in step order, read back once
+
+    def _dpm_solver_coefficients(self, schedule: NoiseSchedule, timesteps: list[int]) -> None:
+        """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, as float32 tables in step order, from float64.
+
+        With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and h = lambda_t -
+        lambda_s for the step from s = t_i to t = t_(i+1) (to sigma = 0, the clean image, at the last):
+            x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) D,  D = x0_hat + (x0_hat - x0_hat_prev) / (2 r),
+        r = h_prev / h. The first step, and the last (diffusers' lower_order_final), are first order (D = x0_hat).
+        """
+        abar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)
+        abar_s = abar[torch.tensor(timesteps)]
+        abar_t = torch.cat([abar_s[1:], torch.ones(1, dtype=torch.float64)])  # sigma = 0 after the last step
+        alpha_s, sigma_s, alpha_t, sigma_t = abar_s.sqrt(), (1 - abar_s).sqrt(), abar_t.sqrt(), (1 - abar_t).sqrt()
+        lambda_s, lambda_t = alpha_s.log() - sigma_s.log(), alpha_t.log() - sigma_t.log()  # -inf at zero SNR
+        h = lambda_t - lambda_s  # inf at the last step: e^-h = 0, x_t = x0_hat
+        r = torch.cat([torch.full((1,), torch.inf, dtype=torch.float64), h[:-1]]) / h
+        second_order = torch.ones_like(h, dtype=torch.bool)
+        second_order[0] = second_order[-1] = False
+        device = self.timesteps.device
+        self.dpm_sigma_ratio = (sigma_t / sigma_s).float().to(device)  # sigma_t / sigma_s, 0 at the last step
+        self.dpm_data_coef = (alpha_t * -torch.expm1(-h)).float().to(device)  # alpha_t (1 - e^-h)
+        difference = torch.where(second_order, 0.5 * alpha_t * -torch.expm1(-h) / r, torch.zeros_like(h))
+        self.dpm_difference_coef = difference.nan_to_num(nan=0.0).float().to(device)  # alpha_t (1 - e^-h) / (2 r)
 
     @property
     def num_steps(self) -> int:
@@ -180,16 +227,24 @@ class ReverseSampler:
         return x0_hat
 
     def step_index(
-        self, i: int | torch.Tensor, model_output: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None
+        self, i: int | torch.Tensor, model_output: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_{t_prev} from x_t at step i (0 = the first, noisiest step).
 
         `i` may be a 1-element int64 tensor on the device (for CUDA-graph replay); `noise` may be
-        None where this step adds none.
+        None where this step adds none. A multistep sampler (dpmpp_2m) reads the previous step's
+        x0_hat from `previous`, a fixed buffer shaped like x_t, and writes this step's into it.
         """
         s, k = self.schedule, self.num_steps - 1 - i
         # 1. predicted x_0 from the model output (Eq. 15 for epsilon), 2. clipped
         x0_hat = self.predict_x0(i, model_output, x_t)
+        if self.multistep:
+            # 3. DPM-Solver++(2M): the data prediction, corrected by its change since the last step
+            x_prev = (_at(self.dpm_sigma_ratio, i) * x_t + _at(self.dpm_data_coef, i) * x0_hat
+                      + _at(self.dpm_difference_coef, i) * (x0_hat - previous))
+            previous.copy_(x0_hat)
+            return x_prev
         if self.kind == "ancestral":
             # 3. the posterior mean mu-tilde_t(x_t, x0_hat), Eq. (7)
             x_prev = _at(s.posterior_mean_coef1, k) * x0_hat + _at(s.posterior_mean_coef2, k) * x_t
@@ -216,4 +271,8 @@ class ReverseSampler:
             raise ValueError(f"timestep {t} is not one of this sampler's timesteps")
         if noise is None and self.needs_noise[i]:
             raise ValueError(f"step at t = {t} adds noise: pass noise")
-        return self.step_index(i, model_output, x_t, noise if self.needs_noise[i] else None)
+        if self.multistep and (i == 0 or self._previous is None):  # like diffusers' scheduler, step() keeps state
+            self._previous = torch.zeros_like(x_t)
+        return self.step_index(i, model_output, x_t, noise if self.needs_noise[i] else None, self._previous)
+
+    _previous: torch.Tensor | None = None  # the x0_hat of step() before, for a multistep sampler

@@ -35,6 +35,25 @@ def schedule_figure(schedules: dict[str, NoiseSchedule]) -> Figure:
     return fig
 
 
+def sweep_figure(rows: list[dict], floor: float, n: int) -> Figure:
+    """fid_mnist against model evaluations (log scale), a line per sampler, with the floor and the
+    full ancestral loop marked; rows as `ddpm eval --sweep` writes them."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for sampler in dict.fromkeys(row["sampler"] for row in rows):
+        mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["model_evaluations"])
+        ax.plot([r["model_evaluations"] for r in mine], [r["fid_mnist"] for r in mine], "o-", label=sampler)
+    full = [r for r in rows if r["sampler"] == "ancestral" and r["full_loop"]]
+    if full:
+        ax.axhline(full[0]["fid_mnist"], color="gray", linestyle="--", linewidth=1, label="ancestral, full loop")
+    ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"real digits (floor), n = {n}")
+    ax.set_xscale("log")
+    ax.set_xlabel("model evaluations")
+    ax.set_ylabel("fid_mnist (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
     """Write a figure as a PNG (atomically) and free its memory."""
     try:

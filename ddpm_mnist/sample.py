@@ -85,6 +85,7 @@ def generate(
         x = StaticStep(model, sampler, x, runtime).run(noise, progress)
     else:
         batch = x.shape[0]
+        previous = torch.zeros_like(x) if sampler.multistep else None  # a multistep sampler's last x0_hat
         # one autocast context for the whole loop: the weights are cast to bf16 once, not every step
         with autocast(runtime):
             for i in range(sampler.num_steps):
@@ -93,7 +94,7 @@ def generate(
                 if on_step is not None:
                     on_step(i, sampler.timesteps[i], x, output)
                 z = noise.next() if sampler.needs_noise[i] else None
-                x = sampler.step_index(i, output, x, z)  # float32 math: autocast leaves elementwise ops alone
+                x = sampler.step_index(i, output, x, z, previous)  # float32: autocast leaves elementwise ops alone
                 if progress is not None:
                     progress(1)
     if not bool(torch.isfinite(x).all()):
@@ -119,6 +120,7 @@ class StaticStep:
         self.model, self.sampler, self.runtime = model, sampler, runtime
         self.x = x_T.clone()
         self.z = torch.zeros_like(x_T)
+        self.previous = torch.zeros_like(x_T)  # a multistep sampler's last x0_hat, updated in place
         self.i = torch.zeros(1, dtype=torch.long, device=x_T.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         if x_T.device.type == "cuda":
@@ -129,7 +131,8 @@ class StaticStep:
         with autocast(self.runtime, cache_enabled=False):  # no autocast cache inside a graph
             output = self.model(self.x, t).float()
         # sigma_i * z with z = 0 where the step adds no noise: x + 0 is exact
-        self.x.copy_(self.sampler.step_index(self.i, output, self.x, self.z))
+        previous = self.previous if self.sampler.multistep else None
+        self.x.copy_(self.sampler.step_index(self.i, output, self.x, self.z, previous))
 
     def _capture(self) -> None:
         x_T = self.x.clone()
@@ -143,6 +146,7 @@ class StaticStep:
         with torch.cuda.graph(self.graph):
             self._step()
         self.x.copy_(x_T)  # the warm-up and capture ran steps: start again from x_T
+        self.previous.zero_()
 
     def run(self, noise: NoiseSource, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """All steps from x_T: (B, 1, 28, 28), unclamped."""

@@ -130,3 +130,41 @@ def test_eval_needs_exactly_one_source(tmp_path: Path, capsys) -> None:
     assert code == 2 and "give one of --ckpt" in err
     code, _, err = run_cli(capsys, "eval", "--samples", tmp_path / "none.pt")
     assert code == 2 and "no such samples file" in err
+
+
+def test_sweep_compares_settings_from_the_same_seeds(trained_run: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--sweep",
+                             "ancestral:20,ddim:5,dpmpp_2m:5:trailing,dpmpp_2m:3", "--n", "24", "--json",
+                             tmp_path / "s.json", "--plot", tmp_path / "s.png")
+    assert code == 0, err
+    report = json.loads((tmp_path / "s.json").read_text())
+    rows = report["rows"]
+    assert [r["setting"] for r in rows] == ["ancestral:20", "ddim:5", "dpmpp_2m:5:trailing", "dpmpp_2m:3"]
+    assert [r["model_evaluations"] for r in rows] == [20, 5, 5, 3]
+    assert rows[2]["timestep_spacing"] == "trailing" and rows[0]["full_loop"] is False  # T is 1000
+    assert all(r["fid_mnist"] > report["floor"]["fid_mnist"] > 0 for r in rows)
+    assert "real digits (floor)" in out and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # the same seeds: a setting sampled alone gives the same number
+    code, _, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--sweep", "ddim:5",
+                           "--n", "24", "--json", tmp_path / "t.json")
+    assert code == 0 and json.loads((tmp_path / "t.json").read_text())["rows"][0]["fid_mnist"] == rows[1]["fid_mnist"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--sweep", "euler:20"], "sample.sampler: must be one of ancestral, ddim, dpmpp_2m"),
+    (["--sweep", "ddim:0"], "with steps >= 1"),
+    (["--sweep", "ddim:1001"], "sample.steps: must be <= schedule.num_timesteps (1000), got 1001"),
+    (["--sweep", "dpmpp_2m:1000"], "dpmpp_2m takes fewer than schedule.num_timesteps (1000) steps"),
+    (["--sweep", "ddim:5:sideways"], "the spacing must be one of leading, trailing, linspace"),
+    (["--sweep", "ddim-5"], "each setting is sampler:steps"),
+    (["--sweep", "ddim:5,ddim:5"], "a setting is given twice"),
+    (["--sweep", "ddim:5", "--steps", "3"], "not --samples, --steps or --sampler"),
+    (["--plot", "p.png"], "give --ckpt and --sweep"),
+    (["--sweep", "ddim:5", "--plot", "p.jpg"], "--plot p.jpg: the file name must end in .png"),
+])
+def test_a_bad_sweep_is_one_line_before_any_sampling(trained_run: Path, tmp_path: Path, capsys, monkeypatch,
+                                                     args: list[str], says: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "8", *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == [] and "fid_mnist" not in out

@@ -254,7 +254,7 @@ def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tens
     return runs[0], runs[1]
 
 
-@pytest.mark.parametrize("kind", ["ancestral", "ddim"])
+@pytest.mark.parametrize("kind", ["ancestral", "ddim", "dpmpp_2m"])
 def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
     """On CPU the CUDA-graph path runs its step eagerly on the fixed buffers: same images."""
     eager, static = static_vs_eager(torch.device("cpu"), kind)
@@ -262,7 +262,7 @@ def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA-graph capture itself")
-@pytest.mark.parametrize("kind", ["ancestral", "ddim"])
+@pytest.mark.parametrize("kind", ["ancestral", "ddim", "dpmpp_2m"])
 def test_cuda_graph_replay_gives_the_eager_images(kind: str) -> None:
     eager, graphed = static_vs_eager(torch.device("cuda"), kind)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-4)

@@ -163,3 +163,95 @@ def test_changing_T_alone_works_for_every_command(tmp_path, capsys) -> None:
     assert code == 0 and "ancestral, 7 steps (trailing)" in out, err
     code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--steps", "31")
     assert code == 2 and "sample.steps: must be <= schedule.num_timesteps (30), got 31" in err
+
+
+# --- DPM-Solver++(2M) ----------------------------------------------------------------------------
+
+DPM_KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+@pytest.mark.parametrize("T", [50, 100, 1000])
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_dpm_solver_timesteps_are_diffusers(T: int, spacing: str) -> None:
+    from ddpm_mnist.diffusion import dpm_solver_timesteps
+
+    for steps in sorted({1, 2, 3, 7, 13, T // 3, T // 2, T - 1}):
+        theirs = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        theirs.set_timesteps(steps)
+        assert dpm_solver_timesteps(T, steps, spacing) == theirs.timesteps.tolist(), (T, steps)
+
+
+def dpm_solver_reference(abar: torch.Tensor, timesteps: list[int], prediction: str, clip: bool, x: torch.Tensor,
+                         T: int) -> torch.Tensor:
+    """DPM-Solver++(2M) in float64, Lu et al. 2022, Algorithm 2, written out step by step."""
+    x, previous, h_previous = x.double(), None, None
+    for i, s in enumerate(timesteps):
+        last = i == len(timesteps) - 1
+        a_s, a_t = abar[s], (torch.tensor(1.0, dtype=torch.float64) if last else abar[timesteps[i + 1]])
+        alpha_s, sigma_s, alpha_t, sigma_t = a_s.sqrt(), (1 - a_s).sqrt(), a_t.sqrt(), (1 - a_t).sqrt()
+        out = model(x.float(), s, T).double()
+        x0 = {"epsilon": (x - sigma_s * out) / alpha_s, "v": alpha_s * x - sigma_s * out, "x0": out}[prediction]
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        h = torch.log(alpha_t / sigma_t) - torch.log(alpha_s / sigma_s)
+        if previous is None or last:
+            d = x0  # first order: the first step, and the last
+        else:
+            r = h_previous / h
+            d = x0 + (x0 - previous) / (2 * r)
+        x = (sigma_t / sigma_s) * x + alpha_t * (1 - torch.exp(-h)) * d
+        previous, h_previous = x0, h
+    return x
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_dpm_solver_loops_agree_with_diffusers(case: int) -> None:
+    rng = random.Random(200 + case)
+    kind = rng.choice(list(DPM_KINDS))
+    T = rng.choice([50, 100, 1000])
+    start, end = 10 ** rng.uniform(-4.5, -3), min(0.5, rng.uniform(0.005, 0.03) * 1000 / T)
+    spacing, prediction = SPACINGS[case % 3], rng.choice(list(PREDICTIONS))
+    steps = rng.choice([5, 10, 20, 25, min(T - 1, 50), T // 3])
+    theirs = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, beta_schedule=DPM_KINDS[kind], beta_start=start, beta_end=end,
+        prediction_type=PREDICTIONS[prediction], timestep_spacing=spacing, algorithm_type="dpmsolver++",
+        solver_order=2, lower_order_final=True)
+    theirs.set_timesteps(steps)
+    cfg = ScheduleConfig(beta_schedule=kind, num_timesteps=T, beta_start=start, beta_end=end)
+    ours = ReverseSampler(make_schedule(cfg), steps, sampler="dpmpp_2m", prediction_type=prediction,
+                          clip_sample=False, timestep_spacing=spacing)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(case))
+    a = run_loop(lambda out, t, x, g: theirs.step(out, t, x).prev_sample, ours.timesteps.tolist(), T, x_T, case)
+    b = run_loop(lambda out, t, x, g: ours.step(out, t, x), ours.timesteps.tolist(), T, x_T, case)
+    scale = max(1.0, float(a.abs().max()))
+    assert float((a - b).abs().max()) <= 1e-4 * scale, (cfg, steps, spacing, prediction)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_dpm_solver_with_clipping_and_zero_terminal_snr_against_float64(case: int) -> None:
+    """Where diffusers has no counterpart (clip_sample; it moves abar_(T-1) = 0 to 2**-24), float64."""
+    rng = random.Random(300 + case)
+    zero_snr = case % 2 == 0
+    kind, T = rng.choice(["linear", "cosine", "sigmoid", "scaled_linear"]), rng.choice([50, 100, 1000])
+    prediction = rng.choice(["v", "x0"] if zero_snr else list(PREDICTIONS))
+    cfg = ScheduleConfig(beta_schedule=kind, num_timesteps=T, rescale_zero_terminal_snr=zero_snr)
+    steps, spacing = rng.choice([7, 20, 30]), rng.choice(SPACINGS)
+    ours = ReverseSampler(make_schedule(cfg), steps, sampler="dpmpp_2m", prediction_type=prediction,
+                          clip_sample=True, timestep_spacing=spacing)
+    timesteps = ours.timesteps.tolist()
+    assert not zero_snr or spacing == "leading" or timesteps[0] == T - 1  # starts at zero SNR: a first-order step
+    abar = torch.cumprod(1 - make_schedule(cfg).betas.double(), 0)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(case))
+    b = run_loop(lambda out, t, x, g: ours.step(out, t, x), timesteps, T, x_T, case)
+    a = dpm_solver_reference(abar, timesteps, prediction, True, x_T, T)
+    assert torch.isfinite(b).all()
+    assert float((a - b.double()).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max())), (cfg, steps, spacing)
+
+
+def test_dpm_solver_refuses_the_full_loop(capsys) -> None:
+    code, _, err = run_cli(capsys, "config", "--set", "sample.sampler=dpmpp_2m")
+    assert code == 2 and "dpmpp_2m takes fewer than schedule.num_timesteps (1000) steps, got 1000 (0: the full loop)" \
+        in err
+    code, out, _ = run_cli(capsys, "config", "--set", "sample.sampler=dpmpp_2m", "--set", "sample.steps=20")
+    assert code == 0 and "sampler: dpmpp_2m" in out

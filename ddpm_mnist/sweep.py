@@ -1,0 +1,122 @@
+"""`ddpm eval --sweep`: sample quality per sampler and step count, from the same seeds, beside the floor.
+
+    ddpm eval --ckpt FILE --sweep ancestral:1000,ddim:50,dpmpp_2m:10,dpmpp_2m:20 --n 1000 --json s.json --plot s.png
+
+A setting is `sampler:steps`, or `sampler:steps:spacing`. Every setting samples the same images k
+= 0 .. n-1 from the same per-image noise (x_T, and z for the samplers that add noise), and every
+setting is checked before any sampling starts. One row per setting: model evaluations, fid_mnist,
+confidence, class KL and seconds; the floor of n real digits beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm_mnist.classifier import classify, load_classifier
+from ddpm_mnist.config import TIMESTEP_SPACINGS
+from ddpm_mnist.data import to_model_range
+from ddpm_mnist.errors import UserError
+from ddpm_mnist.evaluate import classifier_metrics, real_digits
+from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable, write_text
+from ddpm_mnist.sample import Sampling, prepare_sampling
+
+COLUMNS = ("fid_mnist", "confidence", "class_kl")
+
+
+def parse_sweep(text: str) -> list[dict[str, Any]]:
+    """`ancestral:1000,dpmpp_2m:20:trailing` -> [{"sampler": ..., "steps": ...[, "timestep_spacing": ...]}]."""
+    settings = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].strip().isdigit() or int(parts[1]) < 1:
+            raise UserError(f"--sweep {text}: each setting is sampler:steps or sampler:steps:spacing "
+                            f"with steps >= 1 (e.g. dpmpp_2m:20:trailing), got {item.strip()!r}")
+        setting: dict[str, Any] = {"sampler": parts[0], "steps": int(parts[1])}
+        if len(parts) == 3:
+            if parts[2] not in TIMESTEP_SPACINGS:
+                raise UserError(f"--sweep {item.strip()}: the spacing must be one of {', '.join(TIMESTEP_SPACINGS)}")
+            setting["timestep_spacing"] = parts[2]
+        settings.append(setting)
+    if len({json.dumps(s, sort_keys=True) for s in settings}) != len(settings):
+        raise UserError(f"--sweep {text}: a setting is given twice")
+    return settings
+
+
+def label(setting: dict[str, Any]) -> str:
+    """The setting as written on the command line."""
+    return ":".join(str(v) for v in (setting["sampler"], setting["steps"], setting.get("timestep_spacing")) if v)
+
+
+def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
+          device_name: str | None = None, data_root: str | None = None, json_path: Path | None = None,
+          plot_path: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Sample and measure every setting from the same seeds; print the table; write JSON and a plot."""
+    for path, option, suffixes in ((json_path, "--json", (".json",)), (plot_path, "--plot", (".png",))):
+        if path is not None:
+            ensure_writable(check_suffix(path, option, suffixes))
+    check_distinct({"--json": json_path, "--plot": plot_path})
+    options = {key: value for key, value in (options or {}).items() if key not in ("sampler", "steps")}
+    runs = [prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name) for setting in settings]
+    first = runs[0].cfg
+    train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)
+    for run in runs:
+        run.check_memory(first.sample.n, first.sample.batch_size, images_kept=first.sample.n)
+    floor, rows = measure_floor(train_images, test_images, first.sample.n, options.get("seed") or 0), []
+    for setting, run in zip(settings, runs, strict=True):
+        rows.append(measure(run, setting, floor["reference"]))
+        print(format_row(rows[-1]))
+    report = {"n": first.sample.n, "seed": first.seed, "checkpoint": str(ckpt_path), "rows": rows,
+              "floor": {key: floor["metrics"][key] for key in COLUMNS}}
+    print(format_table(report))
+    if json_path is not None:
+        write_text(json_path, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    if plot_path is not None:
+        from ddpm_mnist.plots import save_figure, sweep_figure
+
+        save_figure(sweep_figure(rows, report["floor"]["fid_mnist"], report["n"]), plot_path)
+        print(f"wrote {plot_path}")
+    return report
+
+
+def measure_floor(train_images: torch.Tensor, test_images: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
+    """The classifier, the test set's features, and the metrics of n real training digits."""
+    classifier = load_classifier()
+    reference, _ = classify(classifier, to_model_range(test_images))
+    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]]
+    return {"reference": (classifier, reference), "metrics": classifier_metrics(classifier, real, reference)}
+
+
+def measure(run: Sampling, setting: dict[str, Any], reference: Any) -> dict[str, Any]:
+    """One row: sample n images with this setting, time it, measure them."""
+    classifier, features = reference
+    s = run.cfg.sample
+    started = time.perf_counter()
+    images = run.images(s.n, run.cfg.seed, s.batch_size, desc=label(setting))
+    seconds = time.perf_counter() - started
+    metrics = classifier_metrics(classifier, images, features)
+    return {"setting": label(setting), "sampler": s.sampler, "steps": run.cfg.reverse_steps,
+            "full_loop": run.cfg.reverse_steps == run.cfg.schedule.num_timesteps,
+            "timestep_spacing": s.timestep_spacing, "model_evaluations": run.reverse.num_steps,
+            **{key: metrics[key] for key in COLUMNS}, "seconds": round(seconds, 1)}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return (f"{row['setting']:<28} {row['model_evaluations']:>6} {row['fid_mnist']:>10.3f} "
+            f"{row['confidence']:>11.3f} {row['class_kl']:>9.4f} {row['seconds']:>9.1f}")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The rows and the floor, as a table."""
+    lines = [f"{'setting':<28} {'evals':>6} {'fid_mnist':>10} {'confidence':>11} {'class_kl':>9} {'seconds':>9}"]
+    lines += [format_row(row) for row in report["rows"]]
+    floor = report["floor"]
+    lines.append(f"{'real digits (floor)':<28} {'':>6} {floor['fid_mnist']:>10.3f} {floor['confidence']:>11.3f} "
+                 f"{floor['class_kl']:>9.4f}")
+    lines.append(f"n = {report['n']}, seed {report['seed']}, every setting from the same per-image noise")
+    return "\n".join(lines)
