@@ -57,13 +57,6 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank, world, local_rank, host_group)
 
 
-def device_for(ddp: Dist, device: torch.device) -> torch.device:
-    """Under torchrun on CUDA, this process's GPU."""
-    if ddp.enabled and device.type == "cuda":
-        return torch.device("cuda", ddp.local_rank)
-    return device
-
-
 def any_true(ddp: Dist, flag: bool) -> bool:
     """True on every rank when `flag` is true on any (a host-side all-reduce)."""
     if not ddp.enabled:

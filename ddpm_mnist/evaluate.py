@@ -128,15 +128,16 @@ def memorisation_metrics(images: torch.Tensor, train_images: torch.Tensor, thres
 def evaluate_images(
     images: torch.Tensor, data_root: str | Path, *, download: bool = True, seed: int = 0,
     threshold: float = MEMORISATION_THRESHOLD, classifier: MNISTClassifier | None = None,
+    digits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Every metric for uint8 images (N, 1, 28, 28), and the floor of N real digits."""
+    """Every metric for uint8 images (N, 1, 28, 28), and the floor of N real digits.
+
+    `digits`: MNIST's (training, test) images when the caller has read them already."""
     n = len(images)
-    train_images, test_images = real_digits(data_root, download, n)
+    train_images, test_images = digits or real_digits(data_root, download, n)
     model = classifier or load_classifier()
     reference_features, _ = classify(model, to_model_range(test_images))
-    g = torch.Generator().manual_seed(seed)
-    real_train = train_images[torch.randperm(len(train_images), generator=g)[:n]]
-    real_test = test_images[torch.randperm(len(test_images), generator=g)[:n]]
+    real_train, real_test = floor_digits(train_images, test_images, n, seed)
     return {
         "n": n,
         "samples": {**classifier_metrics(model, images, reference_features),
@@ -146,6 +147,15 @@ def evaluate_images(
         "reference": f"{len(test_images)} MNIST test digits",
         "memorisation_threshold": threshold,
     }
+
+
+def floor_digits(train_images: torch.Tensor, test_images: torch.Tensor, n: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The floor's n real training digits and n real test digits, drawn with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    real_train = train_images[torch.randperm(len(train_images), generator=g)[:n]]
+    real_test = test_images[torch.randperm(len(test_images), generator=g)[:n]]
+    return real_train, real_test
 
 
 def real_digits(data_root: str | Path, download: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +220,7 @@ def evaluate(
 
         run = prepare_sampling(ckpt_path, options, overrides, device_name)
         s, root, download = run.cfg.sample, data_root or run.cfg.data.root, run.cfg.data.download
-        real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
+        digits = real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
         print(f"sampling {s.n} images to evaluate: {run.note}")
         images = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval")
         source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": run.cfg.reverse_steps,
@@ -224,9 +234,11 @@ def evaluate(
                 raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
             images = images[:n]
         root, download = data_root or "data", True
+        digits = real_digits(root, download, len(images))
         source = {"samples": str(samples_path)}
     sampled = time.perf_counter() - started
-    report = evaluate_images(images, root, download=download, threshold=threshold, seed=options.get("seed") or 0)
+    report = evaluate_images(images, root, download=download, threshold=threshold, seed=options.get("seed") or 0,
+                             digits=digits)
     report["source"] = source
     report["seconds"] = {"sampling": round(sampled, 1), "metrics": round(time.perf_counter() - started - sampled, 1)}
     print(format_report(report))

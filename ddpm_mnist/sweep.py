@@ -21,7 +21,7 @@ from ddpm_mnist.classifier import classify, load_classifier
 from ddpm_mnist.config import TIMESTEP_SPACINGS
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.evaluate import classifier_metrics, real_digits
+from ddpm_mnist.evaluate import classifier_metrics, floor_digits, real_digits
 from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable, write_text
 from ddpm_mnist.sample import Sampling, prepare_sampling
 
@@ -88,7 +88,7 @@ def measure_floor(train_images: torch.Tensor, test_images: torch.Tensor, n: int,
     """The classifier, the test set's features, and the metrics of n real training digits."""
     classifier = load_classifier()
     reference, _ = classify(classifier, to_model_range(test_images))
-    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]]
+    real, _ = floor_digits(train_images, test_images, n, seed)  # the same floor as ddpm eval's
     return {"reference": (classifier, reference), "metrics": classifier_metrics(classifier, real, reference)}
 
 
