@@ -10,7 +10,10 @@ Measured in one run, on one device:
 - achieved FLOP/s of the training step (FLOPs counted by torch.utils.flop_counter) as a fraction
   of this machine's dense matmul rate in the same dtype, measured here;
 - sampling: the 1000-step reverse loop for one batch against 1000 bare model forwards at the same
-  batch size (the sampler's overhead ratio);
+  batch size (the sampler's overhead ratio), in image-steps/s, and the same loop on fixed buffers
+  (`generate(static=True)`: one CUDA graph replayed per step on CUDA, the same step run eagerly elsewhere);
+- with --compare: training images/s and sampling image-steps/s for torch.compile on and off and
+  channels_last on and off (training), compile and the CUDA graph on and off (sampling), in one run;
 - peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
 
 Things compared with each other (our step and the tutorial one, the step and the matmul, the
@@ -227,12 +230,15 @@ def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> d
             for _ in range(steps):
                 model(x, t)
 
-    def reverse_loop(sampler: ReverseSampler = reverse) -> None:
-        generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), runtime)
+    def reverse_loop(sampler: ReverseSampler = reverse, static: bool = False) -> None:
+        generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), runtime, static=static)
 
     # warm up with a 10-step loop rather than a whole one
-    reverse_loop(ReverseSampler(training.schedule, 10, prediction_type=prediction_type, device=device))
-    turns = take_turns({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1)}, device, rounds, warm_up=False)
+    warm_up = ReverseSampler(training.schedule, 10, prediction_type=prediction_type, device=device)
+    reverse_loop(warm_up)
+    reverse_loop(warm_up, static=True)
+    turns = take_turns({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1),
+                        "static_loop": (lambda: reverse_loop(static=True), 1)}, device, rounds, warm_up=False)
     per_round = [loop / forwards for loop, forwards in zip(turns["loop"], turns["forwards"], strict=True)]
     return {
         "batch_size": batch,
@@ -243,7 +249,55 @@ def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> d
         "overhead_ratio": statistics.median(per_round),
         "overhead_ratio_per_round": per_round,
         "images_per_s": batch / min(turns["loop"]),
+        "image_steps_per_s": batch * steps / min(turns["loop"]),
+        # fixed buffers: on CUDA one captured graph per step (sample.cuda_graph), elsewhere the same step eagerly
+        "static_loop_s": min(turns["static_loop"]),
+        "static_image_steps_per_s": batch * steps / min(turns["static_loop"]),
+        "static_speedup": ratio(turns["loop"], turns["static_loop"]),
+        "cuda_graph": device.type == "cuda",
     }
+
+
+def bench_variants(cfg_path: str, sets: list[str], runtime: Runtime, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Training images/s and sampling image-steps/s with torch.compile and channels_last on and off.
+
+    Each variant gets a fresh state; its first steps (compilation included) are untimed. Training
+    varies compile x channels_last, sampling compile x the CUDA graph (the fixed-buffer loop).
+    """
+    device, rows = runtime.device, []
+    for compile_model in (False, True):
+        for channels_last in (False, True):
+            switches = [f"train.compile={compile_model}", f"train.channels_last={channels_last}"]
+            cfg = load_config(cfg_path, [*sets, *switches])
+            batches, schedule, _, state = setup_training(cfg, runtime)
+            forward = torch.compile(state.model) if compile_model else state.model
+
+            def step(state: TrainState = state, forward: Any = forward, cfg: Config = cfg,
+                     schedule: NoiseSchedule = schedule, batches: Any = batches) -> None:
+                train_step(state, forward, schedule, batches, cfg, runtime)
+
+            for _ in range(3):  # compilation, autotuning
+                step()
+            seconds = min(take_turns({"step": (step, args.train_steps)}, device, args.rounds, warm_up=False)["step"])
+            rows.append({"part": "training", "compile": compile_model, "channels_last": channels_last,
+                         "static": None, "cuda_graph": None, "rate": cfg.train.batch_size / seconds,
+                         "unit": "images/s"})
+        model = state.ema.module.eval()
+        if compile_model:
+            model = torch.compile(model)
+        reverse = ReverseSampler(schedule, args.sample_steps, prediction_type=cfg.model.prediction_type, device=device)
+        warm_up = ReverseSampler(schedule, 10, prediction_type=cfg.model.prediction_type, device=device)
+        for static in (False, True):
+            def loop(sampler: ReverseSampler = reverse, static: bool = static, model: Any = model) -> None:
+                noise = NoiseSource(0, SAMPLE_NOISE, range(args.sample_batch), device)
+                generate(model, sampler, noise, runtime, static=static)
+
+            loop(warm_up)
+            seconds = min(take_turns({"loop": (loop, 1)}, device, args.rounds, warm_up=False)["loop"])
+            rows.append({"part": "sampling", "compile": compile_model, "channels_last": None,
+                         "static": static, "cuda_graph": static and device.type == "cuda",
+                         "rate": args.sample_batch * args.sample_steps / seconds, "unit": "image-steps/s"})
+    return rows
 
 
 def fail(message: str) -> NoReturn:
@@ -274,6 +328,8 @@ def main() -> int:
                         help="rounds in which the compared things take turns (ratios: the median round)")
     parser.add_argument("--sample-batch", type=positive, default=16)
     parser.add_argument("--sample-steps", type=positive, default=1000)
+    parser.add_argument("--compare", action="store_true",
+                        help="also time compile and channels_last on and off, and the CUDA graph on and off")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     try:
@@ -305,6 +361,8 @@ def bench(args: argparse.Namespace) -> int:
     report["training"] = bench_training(training, args.train_steps, args.rounds, cfg.data.root)
     report["sampling"] = bench_sampling(training, args.sample_batch, args.sample_steps, args.rounds)
     report["peak_memory_mb"] = peak_memory_mb(device)
+    if args.compare:
+        report["variants"] = bench_variants(args.config, args.sets, runtime, args)
 
     tr, sa = report["training"], report["sampling"]
     rows = [
@@ -325,9 +383,20 @@ def bench(args: argparse.Namespace) -> int:
                                                                       f"({sa['images_per_s']:.2f} images/s)"),
         (f"  {sa['steps']} bare forwards", f"{sa['bare_forwards_s']:.2f} s"),
         ("  sampler overhead ratio", f"{sa['overhead_ratio']:.3f}"),
+        ("  image-steps/s", f"{sa['image_steps_per_s']:.0f}; on fixed buffers"
+                            + (" with a CUDA graph" if sa["cuda_graph"] else "")
+                            + f" {sa['static_image_steps_per_s']:.0f} ({sa['static_speedup']:.2f}x)"),
         ("peak memory", f"{report['peak_memory_mb']:.0f} MB"),
         ("machine", f"{report['machine']['cpu']}, {report['machine']['cores']} threads, torch {report['torch']}"),
     ]
+    for row in report.get("variants", []):
+        switches = [f"compile {'on' if row['compile'] else 'off'}"]
+        if row["channels_last"] is not None:
+            switches.append(f"channels_last {'on' if row['channels_last'] else 'off'}")
+        if row["part"] == "sampling":
+            what = "CUDA graph" if device.type == "cuda" else "fixed buffers"
+            switches.append(f"{what} {'on' if row['static'] else 'off'}")
+        rows.append((f"{row['part']}: {', '.join(switches)}", f"{row['rate']:.0f} {row['unit']}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
