@@ -31,9 +31,12 @@ def param(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    expected: str | None = None,
 ) -> Any:
-    """A dataclass field with its meaning and allowed values (read by `load_config`)."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    """A dataclass field with its meaning and allowed values (read by `load_config`). A string
+    field may be empty only where its default is (empty: off); `expected` names its form in errors."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "empty_ok": default == "",
+            "expected": expected}
     if isinstance(default, list):
         return field(default_factory=default.copy, metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,6 +56,10 @@ class RuntimeConfig:
     mixed_precision: str = param(
         "auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16) | bf16 | fp32",
         choices=("auto", "bf16", "fp32"),
+    )
+    deterministic: bool = param(
+        False, "CUDA: deterministic kernels, so that a run and its resumed copy match bit for bit (slower); "
+        "CPU runs always do",
     )
 
 
@@ -105,6 +112,10 @@ class TrainConfig:
     batch_size: int = param(128, "images per optimiser step", ge=1, le=65536)
     steps: int = param(10000, "optimiser steps to train (0: train by epochs instead)", ge=0, le=10**9)
     epochs: int = param(0, "epochs to train; needs steps: 0 (0: train by steps)", ge=0, le=10**6)
+    time_budget: str = param(
+        "", "train for this long instead (90s, 20m, 1.5h; needs steps: 0 and epochs: 0): the steps are fixed "
+        "once from the step rate measured over the first steps", expected="a duration such as 90s, 20m or 1.5h",
+    )
     lr: float = param(2e-4, "peak learning rate of AdamW", gt=0, le=1)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0, le=1)
     warmup_steps: int = param(200, "linear learning-rate warmup, in steps", ge=0, le=10**9)
@@ -333,8 +344,9 @@ def _coerce_string(value: Any, key: str, meta: dict, source: str) -> str:
             f"{source}: {key}: must be a string, got {_describe(value)} "
             "(YAML reads unquoted yes/no/on/off as booleans; quote the value)"
         )
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{source}: {key}: must be a non-empty string, got {_describe(value)}")
+    if not isinstance(value, str) or not (value or meta.get("empty_ok")):
+        raise ConfigError(f"{source}: {key}: must be {meta.get('expected') or 'a non-empty string'}, "
+                          f"got {_describe(value)}")
     if "\x00" in value:
         raise ConfigError(f"{source}: {key}: must not contain a NUL character, got {_describe(value)}")
     if meta["choices"] and value not in meta["choices"]:
@@ -465,13 +477,35 @@ def _validate_model(model: ModelConfig, source: str) -> None:
             )
 
 
+def duration_seconds(text: str) -> float:
+    """'90s', '20m' or '1.5h' in seconds; ValueError for anything else, or a duration of 0."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh])\s*", text)
+    if match is None or float(match[1]) == 0:
+        raise ValueError(text)
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+
+
 def _validate_lengths(cfg: Config, source: str) -> None:
-    """train.steps or train.epochs, and step counts that fit the schedule's T."""
+    """train.steps, train.epochs or train.time_budget, and step counts that fit the schedule's T."""
     training, T = cfg.train, cfg.schedule.num_timesteps
-    if (training.steps > 0) == (training.epochs > 0):
+    if training.time_budget:
+        try:
+            duration_seconds(training.time_budget)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: train.time_budget: must be a duration such as 90s, 20m or 1.5h, "
+                f"got {_describe(training.time_budget)}"
+            ) from None
+        if training.steps or training.epochs:
+            raise ConfigError(
+                f"{source}: train.time_budget: a budget replaces train.steps and train.epochs; set both to 0 "
+                f"(got steps={training.steps}, epochs={training.epochs}; e.g. --set train.steps=0)"
+            )
+    elif (training.steps > 0) == (training.epochs > 0):
         raise ConfigError(
             f"{source}: train.epochs: exactly one of train.steps and train.epochs must be positive, "
-            f"got steps={training.steps}, epochs={training.epochs} (to train by epochs, set steps: 0)"
+            f"got steps={training.steps}, epochs={training.epochs} (to train by epochs, set steps: 0; "
+            "for a time budget, train.time_budget)"
         )
     if cfg.sample.sampler == "dpmpp_2m" and cfg.reverse_steps >= T:
         raise ConfigError(

@@ -8,6 +8,7 @@ generator; nothing else in the package touches them.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from dataclasses import dataclass
 from functools import cache
@@ -42,9 +43,17 @@ def setup_runtime(
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions (Ampere and later)
         torch.backends.cudnn.allow_tf32 = True
+        if cfg.deterministic:
+            # cuBLAS needs a fixed workspace before its first call; cuDNN's autotuner may pick another
+            # algorithm each run, and some backward kernels accumulate with atomics in any order
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
     if seed is not None:
         torch.manual_seed(derive_seed(seed, DROPOUT, rank))  # CPU and every CUDA device: what dropout draws from
     dtype, note = autocast_dtype(device, cfg.mixed_precision)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -21,6 +21,9 @@ from ddpm_mnist.config import Config, dump_yaml, to_dict
 from ddpm_mnist.errors import RunError
 from ddpm_mnist.schedule import NoiseSchedule
 from ddpm_mnist.unet import count_parameters
+
+if TYPE_CHECKING:  # an annotation only: train.py hands the logger its budget
+    from ddpm_mnist.trainstate import StepBudget
 
 
 class Interval:
@@ -72,7 +75,7 @@ class TrainLogger:
     """Rank 0's event file and progress bar for one run (a context manager closes both)."""
 
     def __init__(
-        self, run_dir: Path, name: str, start_step: int, total_steps: int, images_per_step: int, enabled: bool
+        self, run_dir: Path, name: str, start_step: int, total_steps: int | None, images_per_step: int, enabled: bool
     ) -> None:
         self.images_per_step = images_per_step  # this process's batch, for images/s
         self.writer: SummaryWriter | None = None
@@ -84,6 +87,7 @@ class TrainLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=name,
                         disable=not enabled)
         self.last_loss = math.nan
+        self.budget: StepBudget | None = None  # train.time_budget's clock, shown beside the bar
 
     def __enter__(self) -> TrainLogger:
         return self
@@ -102,7 +106,7 @@ class TrainLogger:
         batch = (f"batch {training.batch_size}" if world_size == 1 else f"effective batch "
                  f"{training.batch_size * world_size} ({training.batch_size} x {world_size} processes)")
         print(f"run {cfg.run_dir}: {count_parameters(model):,} parameters, {images:,} images, {batch}, "
-              f"lr {training.lr:g}, {total:,} steps ({total / steps_per_epoch:.1f} epochs), {device}, {precision}"
+              f"lr {training.lr:g}, {length(cfg, total, steps_per_epoch)}, {device}, {precision}"
               + (f", resuming at step {start:,}" if start else ""))
 
     def run_start(self, cfg: Config, schedule: NoiseSchedule, model: torch.nn.Module) -> None:
@@ -136,8 +140,20 @@ class TrainLogger:
             scalars["train/skipped_steps"] = skipped
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}", refresh=False)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "img_s": f"{images_per_s:.0f}"}
+        if self.budget is not None:
+            postfix["budget"] = f"{clock(self.budget.elapsed())}/{clock(self.budget.seconds)}"
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def length_fixed(self, steps: int, step: int, budget: str) -> None:
+        """A time budget's length is fixed: the bar's total becomes it (and its ETA the budget's)."""
+        self.bar.total = steps
+        self.bar.refresh()
+        if self.writer is not None and self.budget is not None:
+            rate = (step - self.budget.mark_step) / max(time.perf_counter() - self.budget.mark_time, 1e-9)
+            tqdm.write(f"time budget {budget}: {steps:,} steps (measured {rate:.1f} steps/s over steps "
+                       f"{self.budget.mark_step:,} to {step:,})")
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         """A (3, H, W) uint8 image, such as a preview grid."""
@@ -162,12 +178,30 @@ class TrainLogger:
         self.bar.close()
         if self.writer is None:
             return
-        print(f"done: {step:,} steps, last loss {self.last_loss:.4f}; checkpoint {latest}")
+        spent = ""
+        if self.budget is not None:
+            elapsed, budget = self.budget.elapsed(), self.budget.seconds
+            spent = f" in {clock(elapsed)} of a {clock(budget)} budget ({100 * (elapsed / budget - 1):+.1f}%)"
+        print(f"done: {step:,} steps{spent}, last loss {self.last_loss:.4f}; checkpoint {latest}")
         experiment, start, end = hparams(hparams_of(cfg), {"hparam/final_loss": self.last_loss})
         file_writer = self.writer._get_file_writer()  # the documented add_hparams does this on a new writer
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)
         self.writer.add_scalar("hparam/final_loss", self.last_loss, step)
+
+
+def length(cfg: Config, total: int, steps_per_epoch: int) -> str:
+    """A run's length in words: steps and epochs, or its time budget while the steps are not fixed."""
+    if cfg.train.time_budget:
+        return f"a time budget of {cfg.train.time_budget} (the steps are fixed after measuring the step rate)"
+    return f"{total:,} steps ({total / steps_per_epoch:.1f} epochs)"
+
+
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss or m:ss."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def hparams_of(cfg: Config) -> dict[str, Any]:

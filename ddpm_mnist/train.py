@@ -39,7 +39,14 @@ from ddpm_mnist.distributed import (
 )
 from ddpm_mnist.logger import Interval, TrainLogger
 from ddpm_mnist.runfolder import RunFolder
-from ddpm_mnist.trainstate import TrainState, ema_decay_at, setup_training
+from ddpm_mnist.trainstate import (
+    StepBudget,
+    TrainState,
+    ema_decay_at,
+    relay_lr_schedule,
+    setup_training,
+    with_fixed_length,
+)
 
 if TYPE_CHECKING:  # names in annotations only: train_step's arguments, built by setup_training
     from ddpm_mnist.data import EpochBatches
@@ -81,6 +88,7 @@ def train(
 def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
               resume_from: tuple[Path, dict[str, Any]] | None, hooks: Hooks, change_world_size: bool) -> Path:
     """Set up, then step until train.steps: the loop of Algorithm 1 with its logs, previews and checkpoints."""
+    cfg = length_from_checkpoint(cfg, resume_from)
     training = cfg.train
     batches, schedule, total, state = setup_training(cfg, runtime, ddp.rank, ddp.world_size)
     if resume_from is not None:
@@ -94,16 +102,24 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
         return folder.path
     forward = wrap_for_training(state.model, ddp, runtime, training.compile)
     on_main(ddp, functools.partial(folder.write_config, cfg))
-    with TrainLogger(folder.path, cfg.name, state.step, total, training.batch_size, ddp.is_main) as log, \
+    bar_total = None if training.time_budget else total
+    with TrainLogger(folder.path, cfg.name, state.step, bar_total, training.batch_size, ddp.is_main) as log, \
             StopFlag(ddp) as stop:
         log.describe(cfg, state.model, len(batches.images), ddp.world_size, batches.steps_per_epoch, total,
                      state.step, runtime.device, runtime.precision_note)
         if state.step == 0:
             log.run_start(cfg, schedule, state.model)
         interval = Interval(runtime.device, state.step)
+        budget = StepBudget(training, state.step) if training.time_budget else None
+        log.budget = budget
         while state.step < total:
             interval.add(*train_step(state, forward, schedule, batches, cfg, runtime), schedule.num_timesteps)
             step, stop_now = state.step, stop.agreed()
+            if budget is not None and budget.due(step):
+                fixed = gather(ddp, budget.reading(step, runtime.device))[0]  # rank 0's clock decides
+                if fixed is not None:
+                    budget.stop_reading()
+                    cfg, total = fix_length(cfg, state, fixed, folder, ddp, log), fixed
             if due(step, training.log_every, total):
                 interval.check_finite(training.nan_policy, step, folder.path)
                 log.interval(interval, step, state.optimizer.param_groups[0]["lr"],
@@ -127,6 +143,24 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
         check_replicas(ddp, state.model)
         log.run_end(cfg, total, folder.checkpoints / ckpt.LATEST)
     return folder.path
+
+
+def length_from_checkpoint(cfg: Config, resume_from: tuple[Path, dict[str, Any]] | None) -> Config:
+    """A budgeted run resumed after its length was fixed keeps that length (from its checkpoint's config)."""
+    if not cfg.train.time_budget or resume_from is None:
+        return cfg
+    stored = ckpt.checkpoint_config(resume_from[1], resume_from[0])
+    return with_fixed_length(cfg, stored.train.steps) if stored.train.steps else cfg
+
+
+def fix_length(cfg: Config, state: TrainState, steps: int, folder: RunFolder, ddp: Dist, log: TrainLogger) -> Config:
+    """Fix a time-budgeted run's length: the lr schedule is laid out over it, and config.yaml and
+    every checkpoint from here on say train.steps: `steps`."""
+    fixed = with_fixed_length(cfg, steps)
+    relay_lr_schedule(state, fixed.train, steps)
+    on_main(ddp, functools.partial(folder.write_config, fixed))
+    log.length_fixed(steps, state.step, cfg.train.time_budget)
+    return fixed
 
 
 def train_step(state: TrainState, forward: nn.Module, schedule: NoiseSchedule, batches: EpochBatches, cfg: Config,

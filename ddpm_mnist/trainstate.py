@@ -7,16 +7,18 @@ the model, its EMA, the optimiser, the lr schedule, this process's noise generat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-from ddpm_mnist.config import Config, TrainConfig
+from ddpm_mnist.config import Config, TrainConfig, duration_seconds
 from ddpm_mnist.data import EpochBatches, load_mnist
 from ddpm_mnist.device import Runtime
 from ddpm_mnist.rng import MODEL_INIT, TRAIN_NOISE, derive_seed
@@ -24,7 +26,7 @@ from ddpm_mnist.schedule import NoiseSchedule, make_schedule
 from ddpm_mnist.unet import UNet
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainState:
     """Everything a training run changes as it goes (one per process under torchrun)."""
 
@@ -46,9 +48,75 @@ def setup_training(
     if cfg.data.limit:
         images = images[: cfg.data.limit]
     batches = EpochBatches(images.to(runtime.device), cfg.train.batch_size, cfg.seed, rank, world_size)
-    total_steps = cfg.train.steps or cfg.train.epochs * batches.steps_per_epoch
+    # under a time budget the length is fixed later (StepBudget); until then, a length no run reaches
+    total_steps = cfg.train.steps or cfg.train.epochs * batches.steps_per_epoch or UNFIXED_STEPS
     schedule = make_schedule(cfg.schedule).to(runtime.device)
     return batches, schedule, total_steps, build_train_state(cfg, runtime, rank, total_steps)
+
+
+UNFIXED_STEPS = 10**9  # a time-budgeted run's length until StepBudget fixes it
+
+
+class StepBudget:
+    """train.time_budget: measure the step rate, then fix the run's length once.
+
+    The budget counts from the first step of the loop. The first WARMUP_STEPS steps are not timed
+    (allocations, cuDNN's autotuning, compilation); the rate is then read at 20, 40, 80, ... steps
+    later (the same steps on every process), and the first reading at least MEASURE_SECONDS (or
+    MEASURE_SHARE of the budget, if longer) after timing began fixes the length: the steps already
+    taken, plus the rest of the budget at that rate, less the time previews and metrics will take
+    (a preview of n images and k steps costs about n * k / (3 * batch) training steps: a training
+    step is a forward and a backward). Checkpoints are not counted: the closing line says how
+    close the run came.
+    """
+
+    WARMUP_STEPS = 5
+    MEASURE_SECONDS = 10.0
+    MEASURE_SHARE = 0.05
+
+    def __init__(self, training: TrainConfig, first_step: int) -> None:
+        self.seconds = duration_seconds(training.time_budget)
+        self.started = time.perf_counter()
+        self.mark_step = first_step + self.WARMUP_STEPS
+        self.mark_time = math.nan
+        self.next_reading = self.mark_step
+        per_step = 0.0  # previews and metrics, in training steps per training step
+        if training.sample_every:
+            per_step += training.preview_n * training.preview_steps / (3 * training.batch_size) / training.sample_every
+        if training.eval_every:
+            per_step += training.eval_n * training.preview_steps / (3 * training.batch_size) / training.eval_every
+        self.overhead = per_step
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is a reading (every process calls `reading` then, together)."""
+        return step == self.next_reading
+
+    def stop_reading(self) -> None:
+        """The length is fixed (on every process, from rank 0's reading): no more readings."""
+        self.next_reading = -1
+
+    def reading(self, step: int, device: torch.device) -> int | None:
+        """At a due step: the fixed number of steps, or None while still measuring."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the steps queued so far have run
+        now = time.perf_counter()
+        if step == self.mark_step:
+            self.mark_time, self.next_reading = now, step + 20
+            return None
+        self.next_reading = self.mark_step + 2 * (step - self.mark_step)
+        if now - self.mark_time < max(self.MEASURE_SECONDS, self.MEASURE_SHARE * self.seconds):
+            return None
+        rate = (step - self.mark_step) / (now - self.mark_time)  # steps per second
+        remaining = self.seconds - (now - self.started)
+        return step + max(0, int(remaining * rate / (1 + self.overhead)))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def with_fixed_length(cfg: Config, steps: int) -> Config:
+    """The config of a budgeted run once its length is fixed: train.steps set, the budget spent."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, time_budget=""))
 
 
 def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int) -> TrainState:
@@ -114,6 +182,19 @@ def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, training: TrainConfig, total_steps: int) -> LRScheduler:
     """torch's LambdaLR over `lr_factor`. Its state is only the step count, so a run resumed with a
     longer train.steps follows the config's schedule rather than the old one."""
-    factor = functools.partial(lr_factor, warmup=training.warmup_steps, total=total_steps,
-                               kind=training.lr_schedule, min_ratio=training.min_lr_ratio)
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, lr_factor_of(training, total_steps))
+
+
+def lr_factor_of(training: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """`lr_factor` for this config and run length, as a function of the step."""
+    return functools.partial(lr_factor, warmup=training.warmup_steps, total=total_steps,
+                             kind=training.lr_schedule, min_ratio=training.min_lr_ratio)
+
+
+def relay_lr_schedule(state: TrainState, training: TrainConfig, total_steps: int) -> None:
+    """Lay the lr schedule out over `total_steps` from the current step on (a time budget's fixed length)."""
+    scheduler = state.lr_scheduler
+    factor = lr_factor_of(training, total_steps)
+    scheduler.lr_lambdas = [factor] * len(state.optimizer.param_groups)
+    for group, base_lr in zip(state.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)  # the next step's lr, as the new schedule has it

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE
 
 
@@ -22,7 +23,8 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     assert "gpuGetDeviceCount" not in done.stderr
     report = json.loads(report_path.read_text())
     training, sampling = report["training"], report["sampling"]
-    assert report["device"] == "cpu" and report["parameters"] > 0
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # the smoke config's auto
+    assert report["parameters"] > 0
     assert training["batch_size"] == 32 and training["images_per_s"] > 0
     assert training["tutorial_dataloader_images_per_s"] > 0
     for share in ("batch_fetch_share", "tutorial_batch_fetch_share", "convolution_time_share",

@@ -313,7 +313,8 @@ def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained
     state = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=True)
     config = {key: dict(value) if isinstance(value, dict) else value for key, value in state["config"].items()}
     runtime = config.pop("runtime")
-    config["train"].update(runtime)  # format 1 kept device and mixed_precision in the train section
+    # format 1 kept device and mixed_precision in the train section, and had no other runtime keys
+    config["train"].update({key: runtime[key] for key in ("device", "mixed_precision")})
     old = tmp_path / "old.pt"
     torch.save({**state, "format_version": 1, "config": config}, old)
     new_images = sample_from_checkpoint(trained_run / "checkpoints" / "latest.pt", options={"n": 3, "steps": 5},
