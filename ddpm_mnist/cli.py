@@ -119,6 +119,14 @@ def sample(
     images_dir: Path = typer.Option(None, "--images-dir", help="Also write each image as a PNG in this folder."),
     tensor: Path = typer.Option(None, "--tensor", help="Also write all images to one .pt or .npz file (uint8)."),
     trajectory: Path = typer.Option(None, "--trajectory", help="Also write a GIF of the denoising (and a strip PNG)."),
+    digit: int = typer.Option(None, "--digit", help="Conditional models: draw only this digit (0-9)."),
+    digits: str = typer.Option(
+        None, "--digits", help="Conditional models: draw these digits in turn, e.g. 0,3,8 [default: 0 to 9]."
+    ),
+    guidance: float = typer.Option(
+        None, "--guidance", help="Conditional models: guidance weight W (1: plain conditional, 0: unconditional) "
+        "[default: sample.guidance]."
+    ),
     set_: list[str] = typer.Option(
         None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
     ),
@@ -127,7 +135,7 @@ def sample(
     from ddpm_mnist.sample_files import sample_from_checkpoint
 
     options = {"n": n, "steps": steps, "seed": seed, "batch_size": batch_size, "sampler": sampler, "eta": eta,
-               "use_ema": ema}
+               "use_ema": ema, "digits": _digits(digit, digits), "guidance": guidance}
     sample_from_checkpoint(ckpt, options=options, device_name=device, out=out, images_dir=images_dir,
                            tensor_path=tensor, trajectory=trajectory, overrides=set_)
 
@@ -148,27 +156,60 @@ def eval_(
         None, "--sweep", help="Compare settings from the same seeds, e.g. ancestral:1000,ddim:50,dpmpp_2m:20 "
         "(sampler:steps[:spacing])."
     ),
-    plot: Path = typer.Option(None, "--plot", help="With --sweep: also plot fid_mnist against model evaluations."),
+    plot: Path = typer.Option(
+        None, "--plot", help="With --sweep: also plot fid_mnist against model evaluations (with --guidance "
+        "W1,W2,...: fid_mnist and class_accuracy against W)."
+    ),
+    guidance: str = typer.Option(
+        None, "--guidance", help="Conditional models: guidance weight W, or several (1,2,3,5) for one row each."
+    ),
     set_: list[str] = typer.Option(
         None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
     ),
 ) -> None:
     """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
-    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size}
-    if sweep is not None or plot is not None:
-        from ddpm_mnist.sweep import parse_sweep
+    from ddpm_mnist.sweep import parse_guidance, parse_sweep
+
+    weights = parse_guidance(guidance) if guidance is not None else []
+    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size,
+               "guidance": weights[0] if len(weights) == 1 else None}
+    if sweep is not None or plot is not None or len(weights) > 1:
         from ddpm_mnist.sweep import sweep as run_sweep
 
-        if sweep is None or ckpt is None or samples is not None or steps is not None or sampler is not None:
-            raise UserError("--sweep (and --plot) sample from --ckpt, each setting with its own sampler and steps: "
-                            "give --ckpt and --sweep, not --samples, --steps or --sampler")
-        run_sweep(ckpt, parse_sweep(sweep), options=options, device_name=device, data_root=data,
+        if ckpt is None or samples is not None or (sweep is not None and (steps is not None or sampler is not None)):
+            raise UserError("--sweep, --plot and several --guidance weights sample from --ckpt; with --sweep each "
+                            "setting has its own sampler and steps: give --ckpt, not --samples, --steps or --sampler")
+        if sweep is None and len(weights) < 2:
+            raise UserError("--plot draws a sweep: give --ckpt and --sweep sampler:steps,... (or several --guidance "
+                            "weights)")
+        settings = parse_sweep(sweep) if sweep is not None else [{}]
+        if len(weights) > 1:
+            settings = [{**setting, "guidance": w} for setting in settings for w in weights]
+        run_sweep(ckpt, settings, options=options, device_name=device, data_root=data,
                   json_path=json_path, plot_path=plot, overrides=set_)
         return
     from ddpm_mnist.evaluate import evaluate
 
     evaluate(ckpt, samples, options=options, device_name=device, data_root=data, json_path=json_path,
              overrides=set_)
+
+
+def _digits(digit: int | None, digits: str | None) -> list[int] | None:
+    """--digit 7 or --digits 0,3,8 as a list of digits (None: neither given)."""
+    if digit is not None and digits is not None:
+        raise UserError("--digit and --digits contradict each other: give one")
+    if digit is not None:
+        items = [str(digit)]
+    elif digits is not None:
+        items = [item.strip() for item in digits.split(",")]
+    else:
+        return None
+    for item in items:
+        if not item.isdigit() or int(item) > 9:
+            flag = "--digit" if digit is not None else "--digits"
+            raise UserError(f"{flag} {digit if digit is not None else digits}: each must be a digit 0 to 9, "
+                            f"got {item!r}")
+    return [int(item) for item in items]
 
 
 def main(argv: list[str] | None = None) -> None:

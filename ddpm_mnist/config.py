@@ -45,6 +45,7 @@ def param(
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # Lin et al. 2023, Table 2; diffusers' timestep_spacing
+GUIDANCE_DEFAULT = 2.0  # chosen by the guidance sweep in the README
 IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
 
 
@@ -103,6 +104,10 @@ class ModelConfig:
     prediction_type: str = param(
         "epsilon", "what the network predicts: epsilon | v | x0", choices=PREDICTION_TYPES
     )
+    num_classes: int = param(
+        0, "0: unconditional; 10: conditioned on the digit (a learned embedding added to the time embedding, "
+        "with one more 'no class' row for classifier-free guidance)", ge=0, le=10,
+    )
 
 
 @dataclass
@@ -122,6 +127,10 @@ class TrainConfig:
     lr_schedule: str = param("constant", "after warmup: constant | cosine", choices=("constant", "cosine"))
     min_lr_ratio: float = param(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
     grad_clip: float = param(1.0, "max global gradient norm (0: no clipping)", ge=0)
+    class_dropout: float = param(
+        0.1, "conditional models: share of labels replaced by 'no class' (p_uncond of classifier-free guidance)",
+        ge=0, lt=1,
+    )
     loss: str = param("mse", "mse | l1 | huber, on the prediction target", choices=("mse", "l1", "huber"))
     ema_decay: float = param(0.9999, "EMA decay of the weights used for sampling", ge=0, lt=1)
     ema_warmup: bool = param(True, "EMA decay min(ema_decay, (1+n)/(10+n)) so early samples are not blank")
@@ -133,9 +142,16 @@ class TrainConfig:
     log_every: int = param(50, "steps between scalar logs and progress-bar updates", ge=1)
     sample_every: int = param(1000, "steps between preview grids (0: only at the end)", ge=0)
     preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
-    preview_steps: int = param(50, "DDIM steps (eta 0) for preview grids (at most T: all T when T is smaller)", ge=1)
+    preview_sampler: str = param(
+        "dpmpp_2m", "sampler of preview grids and training metrics: dpmpp_2m (DPM-Solver++) | ddim (eta 0) | "
+        "ancestral", choices=("dpmpp_2m", "ddim", "ancestral"),
+    )
+    preview_steps: int = param(
+        20, "reverse steps of preview grids and training metrics (at most T, or T - 1 for dpmpp_2m)", ge=1
+    )
     eval_every: int = param(0, "steps between classifier metrics of EMA samples in TensorBoard (0: off)", ge=0)
-    eval_n: int = param(256, "samples for those metrics (DDIM with train.preview_steps)", ge=2, le=10000)
+    eval_n: int = param(256, "samples for those metrics (train.preview_sampler at train.preview_steps)", ge=2,
+                        le=10000)
     checkpoint_every: int = param(1000, "steps between checkpoints (0: only at the end)", ge=0)
     keep_checkpoints: int = param(3, "numbered checkpoints kept besides latest.pt", ge=1, le=10**6)
 
@@ -165,6 +181,13 @@ class SampleConfig:
     use_ema: bool = param(True, "sample with the EMA weights")
     compile: bool = param(False, "torch.compile the model for sampling")
     cuda_graph: bool = param(True, "on CUDA, replay each reverse step from one captured CUDA graph")
+    digits: list[int] = param(
+        [], "conditional models: the digits drawn, image k is digits[k mod len] (empty: 0 to 9 in turn)"
+    )
+    guidance: float = param(
+        GUIDANCE_DEFAULT, "conditional models: classifier-free guidance weight W, eps = eps_uncond + W * "
+        "(eps_cond - eps_uncond); 1: plain conditional, 0: unconditional", ge=0, le=100,
+    )
 
 
 @dataclass
@@ -193,8 +216,16 @@ class Config:
 
     @property
     def preview_steps(self) -> int:
-        """The DDIM steps of preview grids: train.preview_steps, at most T."""
-        return min(self.train.preview_steps, self.schedule.num_timesteps)
+        """The reverse steps of preview grids: train.preview_steps, at most T (T - 1 for dpmpp_2m,
+        whose steps skip timesteps by construction)."""
+        T = self.schedule.num_timesteps
+        multistep = self.train.preview_sampler == "dpmpp_2m" and T > 1
+        return min(self.train.preview_steps, T - 1 if multistep else T)
+
+    @property
+    def preview_sampler(self) -> str:
+        """The sampler of preview grids: train.preview_sampler, or DDIM where T = 1 leaves DPM-Solver++ no step."""
+        return self.train.preview_sampler if self.schedule.num_timesteps > 1 else "ddim"
 
 
 SECTIONS: dict[str, type] = {
@@ -427,6 +458,7 @@ def validate(cfg: Config, source: str) -> None:
     _validate_schedule(cfg, source)
     _validate_model(cfg.model, source)
     _validate_lengths(cfg, source)
+    _validate_digits(cfg, source)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
         raise ConfigError(
             f"{source}: name: must be a folder name of letters, digits, '.', '_' or '-', got {_describe(cfg.name)}"
@@ -452,6 +484,11 @@ def _validate_schedule(cfg: Config, source: str) -> None:
 
 
 def _validate_model(model: ModelConfig, source: str) -> None:
+    if model.num_classes not in (0, 10):
+        raise ConfigError(
+            f"{source}: model.num_classes: must be 0 (unconditional) or 10 (conditioned on the digit), "
+            f"got {model.num_classes}"
+        )
     if not 1 <= len(model.channel_mult) <= 3:
         raise ConfigError(
             f"{source}: model.channel_mult: must list 1 to 3 levels (28, 14, 7), got {model.channel_mult}"
@@ -483,6 +520,17 @@ def duration_seconds(text: str) -> float:
     if match is None or float(match[1]) == 0:
         raise ValueError(text)
     return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def _validate_digits(cfg: Config, source: str) -> None:
+    bad = [d for d in cfg.sample.digits if not 0 <= d <= 9]
+    if bad:
+        raise ConfigError(f"{source}: sample.digits: each must be a digit 0 to 9, got {bad[0]}")
+    if cfg.sample.digits and not cfg.model.num_classes:
+        raise ConfigError(
+            f"{source}: sample.digits: this model is unconditional (model.num_classes: 0); drawing chosen digits "
+            "needs a model trained with model.num_classes: 10"
+        )
 
 
 def _validate_lengths(cfg: Config, source: str) -> None:

@@ -133,9 +133,11 @@ class EpochBatches:
     """
 
     def __init__(
-        self, images: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self, images: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+        labels: torch.Tensor | None = None,
     ) -> None:
-        """images: uint8 (N, 1, 28, 28) on the device that trains."""
+        """images: uint8 (N, 1, 28, 28) on the device that trains; labels: their digits (N,) int64
+        on the same device, for a conditional model."""
         per_rank = len(images) // world_size
         if per_rank < batch_size:
             raise DataError(
@@ -143,6 +145,7 @@ class EpochBatches:
                 f"per process ({len(images)} images, {world_size} process(es)); lower it or raise data.limit"
             )
         self.images = images
+        self.labels = labels
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -161,8 +164,15 @@ class EpochBatches:
             self._epoch = epoch
         return self._order
 
+    def rows(self, step: int) -> torch.Tensor:
+        """The image indices of optimiser step `step` (0-based): (B,) on the images' device."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+
     def batch(self, step: int) -> torch.Tensor:
         """The batch of optimiser step `step` (0-based): float32 (B, 1, 28, 28) in [-1, 1]."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        rows = self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        return to_model_range(self.images.index_select(0, rows))
+        return to_model_range(self.images.index_select(0, self.rows(step)))
+
+    def batch_labels(self, step: int) -> torch.Tensor:
+        """The digits of step `step`'s batch: (B,) int64 (needs the labels)."""
+        return self.labels.index_select(0, self.rows(step))

@@ -77,14 +77,16 @@ def training_losses(
     noise: torch.Tensor,
     prediction_type: str = "epsilon",
     loss_type: str = "mse",
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Algorithm 1 of Ho et al. for one batch: the loss of each image, (B,) float32.
 
     x_t = q(x_t | x0, eps) (line 5), the network's output against the target (eps for the paper's
     simplified objective, Eq. 14), averaged over pixels. Mixed precision is the caller's choice.
+    `class_labels` (B,): the digits a conditional model is given ("no class" included).
     """
     x_t = add_noise(schedule, x0, noise, t)
-    output = model(x_t, t).float()
+    output = (model(x_t, t) if class_labels is None else model(x_t, t, class_labels)).float()
     target = training_target(schedule, x0, noise, t, prediction_type)
     if loss_type == "mse":
         per_pixel = (output - target) ** 2

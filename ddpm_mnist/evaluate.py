@@ -27,7 +27,7 @@ import torch
 from ddpm_mnist.classifier import MNISTClassifier, classify, load_classifier
 from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.images import load_samples
+from ddpm_mnist.images import load_samples_and_labels
 from ddpm_mnist.paths import check_suffix, ensure_writable, write_text
 
 # L2 distance in [0, 1] pixel space (784 pixels) under which a sample counts as a copy of a
@@ -86,13 +86,23 @@ def nearest_distances(images: torch.Tensor, reference: torch.Tensor, chunk: int 
 
 
 def classifier_metrics(
-    model: MNISTClassifier, images: torch.Tensor, reference_features: torch.Tensor
+    model: MNISTClassifier, images: torch.Tensor, reference_features: torch.Tensor,
+    asked: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """fid_mnist, inception_score, confidence, confident_share, class_histogram, class_kl of uint8 images."""
+    """fid_mnist, inception_score, confidence, confident_share, class_histogram, class_kl of uint8
+    images; with `asked` (the digit each image was asked to be, (N,)), also class_accuracy (the
+    share the classifier assigns to that digit) and class_accuracy_per_digit (None: not asked)."""
     features, probs = classify(model, to_model_range(images))
     confidence = probs.max(1).values
-    counts = torch.bincount(probs.argmax(1), minlength=10)
-    return {
+    predicted = probs.argmax(1)
+    counts = torch.bincount(predicted, minlength=10)
+    accuracy: dict[str, Any] = {}
+    if asked is not None:
+        hits = predicted.cpu() == asked.cpu()
+        accuracy = {"class_accuracy": float(hits.double().mean()),
+                    "class_accuracy_per_digit": [float(hits[asked.cpu() == d].double().mean())
+                                                 if bool((asked.cpu() == d).any()) else None for d in range(10)]}
+    return {**accuracy,
         "fid_mnist": frechet_distance(features, reference_features),
         "inception_score": inception_score(probs),
         "confidence": float(confidence.mean()),
@@ -128,7 +138,7 @@ def memorisation_metrics(images: torch.Tensor, train_images: torch.Tensor, thres
 def evaluate_images(
     images: torch.Tensor, data_root: str | Path, *, download: bool = True, seed: int = 0,
     threshold: float = MEMORISATION_THRESHOLD, classifier: MNISTClassifier | None = None,
-    digits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    digits: tuple[torch.Tensor, torch.Tensor] | None = None, asked: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Every metric for uint8 images (N, 1, 28, 28), and the floor of N real digits.
 
@@ -140,7 +150,7 @@ def evaluate_images(
     real_train, real_test = floor_digits(train_images, test_images, n, seed)
     return {
         "n": n,
-        "samples": {**classifier_metrics(model, images, reference_features),
+        "samples": {**classifier_metrics(model, images, reference_features, asked),
                     **memorisation_metrics(images, train_images, threshold)},
         "floor": {**classifier_metrics(model, real_train, reference_features),
                   **memorisation_metrics(real_test, train_images, threshold)},
@@ -188,6 +198,11 @@ def format_report(report: dict[str, Any]) -> str:
     for key, meaning, fmt in METRIC_ROWS:
         lines.append(f"{key:<20} {fmt.format(samples[key]):>10} {fmt.format(floor[key]):>11}   {meaning}")
     lines.append(f"{'class_histogram':<20} {samples['class_histogram']} (real: {floor['class_histogram']})")
+    if "class_accuracy" in samples:  # a conditional model: did it draw the digits asked for?
+        per_digit = " ".join("-" if a is None else f"{a:.2f}" for a in samples["class_accuracy_per_digit"])
+        lines.append(f"{'class_accuracy':<20} {samples['class_accuracy']:>10.3f} {'':>11}   "
+                     "share the classifier reads as the digit asked for")
+        lines.append(f"{'  per digit 0-9':<20} {per_digit}")
     lines.append(f"n = {report['n']}; reference: {report['reference']}; "
                  f"memorisation threshold {report['memorisation_threshold']}")
     return "\n".join(lines)
@@ -222,23 +237,25 @@ def evaluate(
         s, root, download = run.cfg.sample, data_root or run.cfg.data.root, run.cfg.data.download
         digits = real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
         print(f"sampling {s.n} images to evaluate: {run.note}")
-        images = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval")
+        images, asked = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval"), run.labels(s.n)
         source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": run.cfg.reverse_steps,
                   "timestep_spacing": s.timestep_spacing,
                   "seed": run.cfg.seed, "use_ema": s.use_ema}
+        if asked is not None:
+            source |= {"digits": list(s.digits) or "0-9 in turn", "guidance": s.guidance}
     else:
-        images = load_samples(samples_path)
+        images, asked = load_samples_and_labels(samples_path)
         n = options.get("n")
         if n is not None:
             if n < 1 or n > len(images):
                 raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
-            images = images[:n]
+            images, asked = images[:n], None if asked is None else asked[:n]
         root, download = data_root or "data", True
         digits = real_digits(root, download, len(images))
         source = {"samples": str(samples_path)}
     sampled = time.perf_counter() - started
     report = evaluate_images(images, root, download=download, threshold=threshold, seed=options.get("seed") or 0,
-                             digits=digits)
+                             digits=digits, asked=asked)
     report["source"] = source
     report["seconds"] = {"sampling": round(sampled, 1), "metrics": round(time.perf_counter() - started - sampled, 1)}
     print(format_report(report))

@@ -47,14 +47,18 @@ def save_each(images: torch.Tensor, folder: Path, first: int = 0) -> Path:
     return folder
 
 
-def save_tensor(images: torch.Tensor, path: Path) -> Path:
-    """All images as one file: `.pt` (a uint8 tensor (N, 1, 28, 28)) or `.npz` (array `images`, same)."""
+def save_tensor(images: torch.Tensor, path: Path, labels: torch.Tensor | None = None) -> Path:
+    """All images as one file: `.pt` (a uint8 tensor (N, 1, 28, 28)) or `.npz` (array `images`, same).
+
+    With `labels` (the digits a conditional model was asked for, (N,) int64), the `.pt` file holds
+    {"images": ..., "labels": ...} and the `.npz` file an array `labels` beside `images`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()  # in memory first: torch.save onto a full disk fails as a RuntimeError, not an OSError
     if path.suffix == ".npz":
-        np.savez_compressed(buffer, images=images.numpy())
+        arrays = {"images": images.numpy()} | ({} if labels is None else {"labels": labels.numpy()})
+        np.savez_compressed(buffer, **arrays)
     else:
-        torch.save(images.clone(), buffer)
+        torch.save(images.clone() if labels is None else {"images": images.clone(), "labels": labels.clone()}, buffer)
     with atomic_file(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
     return path
@@ -62,19 +66,32 @@ def save_tensor(images: torch.Tensor, path: Path) -> Path:
 
 def load_samples(path: Path) -> torch.Tensor:
     """Read a `.pt` or `.npz` file written by `save_tensor`: uint8 (N, 1, 28, 28)."""
+    return load_samples_and_labels(path)[0]
+
+
+def load_samples_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read a `.pt` or `.npz` file written by `save_tensor`: uint8 (N, 1, 28, 28), and the asked
+    digits (N,) int64 where the file holds them."""
+    labels = None
     try:
         if path.suffix == ".npz":
             with np.load(path) as data:
                 images = torch.from_numpy(data["images"])
+                labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
         else:
             images = torch.load(path, weights_only=True)
+            if isinstance(images, dict) and set(images) == {"images", "labels"}:
+                images, labels = images["images"], images["labels"]
     except FileNotFoundError:
         raise UserError(f"{path}: no such samples file") from None
     except Exception as exc:  # any unreadable file reads the same to the user
         raise UserError(f"{path}: not a samples file written by ddpm sample ({type(exc).__name__})") from None
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (1, 28, 28):
         raise UserError(f"{path}: expected uint8 images of shape (N, 1, 28, 28)")
-    return images
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(images),)
+                               or labels.dtype != torch.int64 or bool(((labels < 0) | (labels > 9)).any())):
+        raise UserError(f"{path}: its labels must be {len(images)} digits 0 to 9 (int64)")
+    return images, labels
 
 
 def strip_path(trajectory: Path) -> Path:

@@ -54,6 +54,24 @@ def sweep_figure(rows: list[dict], floor: float, n: int) -> Figure:
     return fig
 
 
+def guidance_figure(rows: list[dict], floor: float, n: int) -> Figure:
+    """fid_mnist and class_accuracy against the guidance weight W: the fidelity/diversity trade-off."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    rows = sorted(rows, key=lambda r: r["guidance"])
+    weights = [r["guidance"] for r in rows]
+    ax.plot(weights, [r["fid_mnist"] for r in rows], "o-", color="tab:blue", label="fid_mnist")
+    ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"real digits (floor), n = {n}")
+    ax.set_xlabel("guidance weight W (1: plain conditional)")
+    ax.set_ylabel("fid_mnist (lower is better)")
+    ax.grid(True, alpha=0.3)
+    right = ax.twinx()
+    right.plot(weights, [r["class_accuracy"] for r in rows], "s--", color="tab:orange", label="class_accuracy")
+    right.set_ylabel("class_accuracy")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
     """Write a figure as a PNG (atomically) and free its memory."""
     try:

@@ -1,8 +1,9 @@
 """What a training run shows of its EMA model: preview grids and classifier metrics, as `train.Hooks`.
 
 The CLI builds these and hands them to `train`, so the training loop itself knows nothing of
-sampling or evaluation. Both draw EMA samples with DDIM (train.preview_steps) from fixed noise:
-the same noise at every call, so successive grids show the same digits taking shape.
+sampling or evaluation. Both draw EMA samples with train.preview_sampler (DPM-Solver++ by default:
+the fastest sampler that `ddpm eval --sweep` found faithful) at train.preview_steps from fixed
+noise: the same noise at every call, so successive grids show the same digits taking shape.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from ddpm_mnist.device import Runtime
 from ddpm_mnist.evaluate import TestSetMetrics
 from ddpm_mnist.images import save_grid
 from ddpm_mnist.rng import EVAL_NOISE, PREVIEW_NOISE, derive_seed
-from ddpm_mnist.sample import NoiseSource, generate, reverse_sampler
+from ddpm_mnist.sample import NoiseSource, for_images, generate, reverse_sampler
 from ddpm_mnist.train import Hooks
 
 METRICS = ("fid_mnist", "inception_score", "confidence", "class_kl")  # logged as eval/<name>
 
 
 class EMASamples:
-    """EMA samples from fixed noise with DDIM at train.preview_steps (the sampler is built on first use)."""
+    """EMA samples from fixed noise with train.preview_sampler at train.preview_steps (built on first use)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -34,10 +35,12 @@ class EMASamples:
     def __call__(self, model: nn.Module, runtime: Runtime, stream: int, n: int) -> torch.Tensor:
         """n images (n, 1, 28, 28) in [-1, 1], the same noise at every call."""
         device = runtime.device
-        if self._reverse is None:  # DDIM (eta 0) with the sample section's clipping, at train.preview_steps
-            sample = dataclasses.replace(self.cfg.sample, sampler="ddim", steps=self.cfg.preview_steps, eta=0.0)
+        if self._reverse is None:  # the preview sampler (DDIM: eta 0) with the sample section's clipping
+            sample = dataclasses.replace(self.cfg.sample, sampler=self.cfg.preview_sampler,
+                                         steps=self.cfg.preview_steps, eta=0.0)
             self._reverse = reverse_sampler(dataclasses.replace(self.cfg, sample=sample), device)
         noise = NoiseSource(derive_seed(self.cfg.seed, stream), stream, range(n), device)
+        model = for_images(model, self.cfg, range(n), device)  # a conditional model: digit k mod 10, sample.guidance
         return generate(model, self._reverse, noise, runtime, static=device.type == "cuda")
 
 
@@ -46,10 +49,11 @@ class Preview:
 
     def __init__(self, samples: EMASamples, n: int, folder: Path) -> None:
         self.samples, self.n, self.folder = samples, n, folder
+        self.nrow = 10 if samples.cfg.model.num_classes else None  # conditional: a column per digit
 
     def __call__(self, model: nn.Module, runtime: Runtime, step: int) -> torch.Tensor:
         images = self.samples(model, runtime, PREVIEW_NOISE, self.n)
-        return save_grid(images, self.folder / f"step_{step:09d}.png")
+        return save_grid(images, self.folder / f"step_{step:09d}.png", self.nrow)
 
 
 class Metrics:

@@ -105,6 +105,47 @@ def generate(
     return x.clamp(-1, 1)
 
 
+class Guided(nn.Module):
+    """A class-conditional model asked for given digits, with classifier-free guidance (Ho & Salimans
+    2022): out = out_uncond + W * (out_cond - out_uncond), on whatever the model predicts (eps, v or
+    x0), the diffusers/Imagen convention. W = 1 runs the conditional half alone (plain conditional
+    sampling), W = 0 the unconditional half alone; otherwise both come from one forward pass of 2B
+    images. The labels are fixed for the batch, so a captured CUDA graph replays them."""
+
+    def __init__(self, model: nn.Module, labels: torch.Tensor, guidance: float, num_classes: int) -> None:
+        super().__init__()
+        self.model, self.guidance = model, guidance
+        self.labels = labels  # (B,) digits
+        self.no_class = torch.full_like(labels, num_classes)  # (B,) the "no class" row
+        self.both = torch.cat([labels, self.no_class])  # (2B,)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.guidance == 1:
+            return self.model(x, t, self.labels)
+        if self.guidance == 0:
+            return self.model(x, t, self.no_class)
+        cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), self.both).float().chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
+def digit_labels(digits: Sequence[int], indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Image k's digit: digits[k mod len(digits)], so it follows from k alone (like its noise). (B,) int64."""
+    return torch.tensor([digits[k % len(digits)] for k in indices], dtype=torch.long, device=device)
+
+
+def asked_digits(cfg: Config) -> list[int] | None:
+    """The digits a conditional model is asked for (sample.digits, or 0 to 9 in turn); None if unconditional."""
+    return (list(cfg.sample.digits) or list(range(10))) if cfg.model.num_classes else None
+
+
+def for_images(model: nn.Module, cfg: Config, indices: Sequence[int], device: torch.device) -> nn.Module:
+    """The model that draws images `indices`: a conditional one guided towards their digits."""
+    digits = asked_digits(cfg)
+    if digits is None:
+        return model
+    return Guided(model, digit_labels(digits, indices, device), cfg.sample.guidance, cfg.model.num_classes)
+
+
 class StaticStep:
     """One reverse step on fixed buffers (x, z and the step index i), so that on CUDA it is captured
     once as a CUDA graph and replayed for every step.
@@ -185,10 +226,17 @@ class Sampling:
         batches = math.ceil(n / batch_size)
         with tqdm(total=self.reverse.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
             for first in range(0, n, batch_size):
-                noise = NoiseSource(seed, SAMPLE_NOISE, range(first, min(first + batch_size, n)), self.runtime.device)
-                x = generate(self.model, self.reverse, noise, self.runtime, on_step=on_step if first == 0 else None,
+                indices = range(first, min(first + batch_size, n))
+                noise = NoiseSource(seed, SAMPLE_NOISE, indices, self.runtime.device)
+                model = for_images(self.model, self.cfg, indices, self.runtime.device)
+                x = generate(model, self.reverse, noise, self.runtime, on_step=on_step if first == 0 else None,
                              progress=bar.update, static=self.static)
                 yield first, to_uint8(x.cpu())
+
+    def labels(self, n: int) -> torch.Tensor | None:
+        """The digits images 0 .. n-1 were asked to be, (n,) int64 on the CPU; None if unconditional."""
+        digits = asked_digits(self.cfg)
+        return None if digits is None else digit_labels(digits, range(n), torch.device("cpu"))
 
     def images(self, n: int, seed: int, batch_size: int, *, desc: str = "sample") -> torch.Tensor:
         """All n images at once, uint8 (n, 1, 28, 28)."""
@@ -198,7 +246,8 @@ class Sampling:
     def check_memory(self, n: int, batch_size: int, images_kept: int) -> None:
         """Refuse up front an n or batch size whose memory cannot fit where sampling runs."""
         batch = min(batch_size, n)
-        needed = sampling_memory_bytes(self.cfg.model, batch, images_kept)
+        guided = asked_digits(self.cfg) is not None and self.cfg.sample.guidance not in (0, 1)
+        needed = sampling_memory_bytes(self.cfg.model, batch * (2 if guided else 1), images_kept)  # 2B forwards
         available = available_memory_bytes(self.runtime.device)
         if available is not None and needed > available:
             raise UserError(
@@ -228,6 +277,11 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
     weights per `sample.use_ema`) and the reverse sampler per the `sample` section."""
     state = ckpt.load_checkpoint(ckpt_path)
     stored = ckpt.checkpoint_config(state, ckpt_path)
+    for option in ("digits", "guidance"):
+        if cfg_options.get(option) is not None and not stored.model.num_classes:
+            flag = "--digit/--digits" if option == "digits" else "--guidance"
+            raise UserError(f"{flag}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
+                            "choosing digits needs one trained with model.num_classes: 10")
     cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS)
     cfg = with_sample_options(cfg, **cfg_options)
     s = cfg.sample
@@ -240,13 +294,23 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
     note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {which} weights of step "
             f"{state['step']:,}, "
             f"{runtime.device}, {runtime.precision_note}" + (", CUDA graph" if static else "")
-            + (", compiled" if s.compile else ""))
+            + (", compiled" if s.compile else "") + conditioning(cfg))
     model = model.to(runtime.device)
     if s.compile:
         model = torch.compile(model)
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note)
 
 
+
+
+def conditioning(cfg: Config) -> str:
+    """What a conditional model is asked for, for the note line ('' if unconditional)."""
+    digits = asked_digits(cfg)
+    if digits is None:
+        return ""
+    which = "digits 0-9 in turn" if not cfg.sample.digits else "digit" + ("s " if len(digits) > 1 else " ") + \
+        ",".join(map(str, digits))
+    return f", {which}, guidance {cfg.sample.guidance:g}"
 
 
 def reverse_sampler(cfg: Config, device: torch.device) -> ReverseSampler:

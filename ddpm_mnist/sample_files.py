@@ -69,12 +69,13 @@ def sample_from_checkpoint(
         if tensor_path is not None:
             kept.append(batch)
     elapsed = time.perf_counter() - started
-    write_output(out, save_grid, to_model_range(torch.cat(grid)), out)
+    nrow = 10 if run.cfg.model.num_classes and not s.digits else None  # a column per digit, 0 to 9
+    write_output(out, save_grid, to_model_range(torch.cat(grid)), out, nrow)
     written = [out]
     if images_dir is not None:
         written.append(images_dir)
     if tensor_path is not None:
-        written.append(write_output(tensor_path, save_tensor, torch.cat(kept), tensor_path))
+        written.append(write_output(tensor_path, save_tensor, torch.cat(kept), tensor_path, run.labels(s.n)))
     if recorder is not None:
         written += write_output(trajectory, recorder.save, grid[0][: recorder.count], trajectory)
     shown = f" (the grid shows the first {GRID_MAX:,})" if s.n > GRID_MAX else ""
@@ -90,7 +91,11 @@ def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:
     s = cfg.sample
     spacing = f"_{s.timestep_spacing}" if cfg.reverse_steps < cfg.schedule.num_timesteps and \
         s.timestep_spacing != "leading" else ""
-    name = f"{s.sampler}{cfg.reverse_steps}{spacing}_seed{cfg.seed}_n{s.n}{'' if s.use_ema else '_raw'}.png"
+    conditioning = ""
+    if cfg.model.num_classes:
+        conditioning = f"_w{s.guidance:g}" + (f"_digits{''.join(map(str, s.digits))}" if s.digits else "")
+    weights = "" if s.use_ema else "_raw"
+    name = f"{s.sampler}{cfg.reverse_steps}{spacing}{conditioning}_seed{cfg.seed}_n{s.n}{weights}.png"
     if ckpt_path.parent.name == "checkpoints":
         return ckpt_path.parent.parent / "samples" / name
     return ckpt_path.with_name(f"{ckpt_path.stem}_{name}")

@@ -1,16 +1,20 @@
-"""`ddpm eval --sweep`: sample quality per sampler and step count, from the same seeds, beside the floor.
+"""`ddpm eval --sweep` and `--guidance W1,W2,...`: sample quality per sampler and step count, or
+per guidance weight of a conditional model, from the same seeds, beside the floor.
 
     ddpm eval --ckpt FILE --sweep ancestral:1000,ddim:50,dpmpp_2m:10,dpmpp_2m:20 --n 1000 --json s.json --plot s.png
+    ddpm eval --ckpt COND --guidance 1,2,3,5 --n 1000 --plot g.png
 
-A setting is `sampler:steps`, or `sampler:steps:spacing`. Every setting samples the same images k
-= 0 .. n-1 from the same per-image noise (x_T, and z for the samplers that add noise), and every
-setting is checked before any sampling starts. One row per setting: model evaluations, fid_mnist,
-confidence, class KL and seconds; the floor of n real digits beside them.
+A setting is `sampler:steps`, or `sampler:steps:spacing`, or a guidance weight W. Every setting
+samples the same images k = 0 .. n-1 from the same per-image noise (x_T, and z for the samplers
+that add noise), and every setting is checked before any sampling starts. One row per setting:
+model evaluations, fid_mnist, (class_accuracy,) confidence, class KL and seconds; the floor of n
+real digits beside them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -47,9 +51,28 @@ def parse_sweep(text: str) -> list[dict[str, Any]]:
     return settings
 
 
+def parse_guidance(text: str) -> list[float]:
+    """`1,2,3.5` -> [1.0, 2.0, 3.5]: guidance weights, each finite and >= 0."""
+    weights = []
+    for item in text.split(","):
+        try:
+            weight = float(item)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise UserError(f"--guidance {text}: each weight must be a finite number >= 0, got {item.strip()!r}")
+        weights.append(weight)
+    if len(set(weights)) != len(weights):
+        raise UserError(f"--guidance {text}: a weight is given twice")
+    return weights
+
+
 def label(setting: dict[str, Any]) -> str:
-    """The setting as written on the command line."""
-    return ":".join(str(v) for v in (setting["sampler"], setting["steps"], setting.get("timestep_spacing")) if v)
+    """The setting as written on the command line: `dpmpp_2m:20:trailing`, `W=3`, or both."""
+    sampler = ":".join(str(v) for v in (setting.get("sampler"), setting.get("steps"), setting.get("timestep_spacing"))
+                       if v)
+    weight = f"W={setting['guidance']:g}" if "guidance" in setting else ""
+    return " ".join(part for part in (sampler, weight) if part)
 
 
 def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
@@ -60,7 +83,7 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
         if path is not None:
             ensure_writable(check_suffix(path, option, suffixes))
     check_distinct({"--json": json_path, "--plot": plot_path})
-    options = {key: value for key, value in (options or {}).items() if key not in ("sampler", "steps")}
+    options = options or {}
     runs = [prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name) for setting in settings]
     first = runs[0].cfg
     train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)
@@ -72,14 +95,16 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
         print(format_row(rows[-1]))
     report = {"n": first.sample.n, "seed": first.seed, "checkpoint": str(ckpt_path), "rows": rows,
               "floor": {key: floor["metrics"][key] for key in COLUMNS}}
+    guidance_sweep = all("guidance" in setting and set(setting) == {"guidance"} for setting in settings)
     print(format_table(report))
     if json_path is not None:
         write_text(json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")
     if plot_path is not None:
-        from ddpm_mnist.plots import save_figure, sweep_figure
+        from ddpm_mnist.plots import guidance_figure, save_figure, sweep_figure
 
-        save_figure(sweep_figure(rows, report["floor"]["fid_mnist"], report["n"]), plot_path)
+        figure = guidance_figure if guidance_sweep else sweep_figure
+        save_figure(figure(rows, report["floor"]["fid_mnist"], report["n"]), plot_path)
         print(f"wrote {plot_path}")
     return report
 
@@ -99,24 +124,30 @@ def measure(run: Sampling, setting: dict[str, Any], reference: Any) -> dict[str,
     started = time.perf_counter()
     images = run.images(s.n, run.cfg.seed, s.batch_size, desc=label(setting))
     seconds = time.perf_counter() - started
-    metrics = classifier_metrics(classifier, images, features)
+    asked = run.labels(s.n)
+    metrics = classifier_metrics(classifier, images, features, asked)
+    guided = {} if asked is None else {"guidance": s.guidance, "class_accuracy": metrics["class_accuracy"]}
     return {"setting": label(setting), "sampler": s.sampler, "steps": run.cfg.reverse_steps,
             "full_loop": run.cfg.reverse_steps == run.cfg.schedule.num_timesteps,
             "timestep_spacing": s.timestep_spacing, "model_evaluations": run.reverse.num_steps,
-            **{key: metrics[key] for key in COLUMNS}, "seconds": round(seconds, 1)}
+            **guided, **{key: metrics[key] for key in COLUMNS}, "seconds": round(seconds, 1)}
 
 
 def format_row(row: dict[str, Any]) -> str:
-    return (f"{row['setting']:<28} {row['model_evaluations']:>6} {row['fid_mnist']:>10.3f} "
+    accuracy = f" {row['class_accuracy']:>9.3f}" if "class_accuracy" in row else ""
+    return (f"{row['setting']:<28} {row['model_evaluations']:>6} {row['fid_mnist']:>10.3f}{accuracy} "
             f"{row['confidence']:>11.3f} {row['class_kl']:>9.4f} {row['seconds']:>9.1f}")
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The rows and the floor, as a table."""
-    lines = [f"{'setting':<28} {'evals':>6} {'fid_mnist':>10} {'confidence':>11} {'class_kl':>9} {'seconds':>9}"]
+    conditional = any("class_accuracy" in row for row in report["rows"])
+    accuracy = f" {'accuracy':>9}" if conditional else ""
+    lines = [f"{'setting':<28} {'evals':>6} {'fid_mnist':>10}{accuracy} {'confidence':>11} {'class_kl':>9} "
+             f"{'seconds':>9}"]
     lines += [format_row(row) for row in report["rows"]]
     floor = report["floor"]
-    lines.append(f"{'real digits (floor)':<28} {'':>6} {floor['fid_mnist']:>10.3f} {floor['confidence']:>11.3f} "
-                 f"{floor['class_kl']:>9.4f}")
+    lines.append(f"{'real digits (floor)':<28} {'':>6} {floor['fid_mnist']:>10.3f}{' ' * len(accuracy)} "
+                 f"{floor['confidence']:>11.3f} {floor['class_kl']:>9.4f}")
     lines.append(f"n = {report['n']}, seed {report['seed']}, every setting from the same per-image noise")
     return "\n".join(lines)

@@ -175,9 +175,11 @@ def train_step(state: TrainState, forward: nn.Module, schedule: NoiseSchedule, b
     timesteps = torch.randint(0, schedule.num_timesteps, (training.batch_size,), device=runtime.device,
                               generator=state.generator)
     noise = torch.randn(x0.shape, device=runtime.device, generator=state.generator)
+    labels = class_labels(state, batches, cfg, runtime) if cfg.model.num_classes else None
     # line 5: a gradient step on the loss of the prediction
     with autocast(runtime):
-        losses = training_losses(forward, schedule, x0, timesteps, noise, cfg.model.prediction_type, training.loss)
+        losses = training_losses(forward, schedule, x0, timesteps, noise, cfg.model.prediction_type, training.loss,
+                                 labels)
     loss = losses.mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -193,6 +195,14 @@ def train_step(state: TrainState, forward: nn.Module, schedule: NoiseSchedule, b
     state.lr_scheduler.step()
     state.step += 1
     return losses.detach(), timesteps, grad_norm.detach(), finite
+
+
+def class_labels(state: TrainState, batches: EpochBatches, cfg: Config, runtime: Runtime) -> torch.Tensor:
+    """The batch's digits, each replaced by "no class" (num_classes) with probability
+    train.class_dropout (classifier-free guidance's p_uncond), drawn from the checkpointed generator."""
+    labels = batches.batch_labels(state.step)  # (B,)
+    dropped = torch.rand(labels.shape, device=runtime.device, generator=state.generator) < cfg.train.class_dropout
+    return torch.where(dropped, cfg.model.num_classes, labels)
 
 
 def due(step: int, every: int, total: int) -> bool:

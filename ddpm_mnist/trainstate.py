@@ -44,10 +44,11 @@ def setup_training(
 ) -> tuple[EpochBatches, NoiseSchedule, int, TrainState]:
     """A run's data (this process's shard, on the device as uint8), its noise schedule, its length
     in steps, and a fresh state."""
-    images, _ = load_mnist(cfg.data.root, train=True, download=cfg.data.download)
+    images, labels = load_mnist(cfg.data.root, train=True, download=cfg.data.download)
     if cfg.data.limit:
-        images = images[: cfg.data.limit]
-    batches = EpochBatches(images.to(runtime.device), cfg.train.batch_size, cfg.seed, rank, world_size)
+        images, labels = images[: cfg.data.limit], labels[: cfg.data.limit]
+    labels = labels.long().to(runtime.device) if cfg.model.num_classes else None  # beside the images
+    batches = EpochBatches(images.to(runtime.device), cfg.train.batch_size, cfg.seed, rank, world_size, labels)
     # under a time budget the length is fixed later (StepBudget); until then, a length no run reaches
     total_steps = cfg.train.steps or cfg.train.epochs * batches.steps_per_epoch or UNFIXED_STEPS
     schedule = make_schedule(cfg.schedule).to(runtime.device)

@@ -123,6 +123,10 @@ class UNet(nn.Module):
         time_dim = 4 * base
         self.base_channels = base
         self.time_mlp = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        # the digit, as diffusers' UNet2DModel(num_class_embeds=...): a learned embedding added to the
+        # time embedding; row num_classes is "no class", the unconditional half of guidance
+        self.num_classes = cfg.num_classes
+        self.class_embedding = nn.Embedding(cfg.num_classes + 1, time_dim) if cfg.num_classes else None
         self.input_conv = nn.Conv2d(in_channels, base, 3, padding=1)
 
         # Down: each level's blocks, then a Downsample except after the last level.
@@ -161,9 +165,14 @@ class UNet(nn.Module):
         self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, 1, 28, 28), t: (B,) timesteps -> (B, 1, 28, 28)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, 1, 28, 28), t: (B,) timesteps, class_labels: (B,) digits, or num_classes for
+        "no class" (None: no class for all; ignored by an unconditional model) -> (B, 1, 28, 28)."""
         temb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, 4 * base)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(t, self.num_classes)
+            temb = temb + self.class_embedding(class_labels)  # (B, 4 * base)
         h = self.input_conv(x)
         skips = [h]
         for i, level in enumerate(self.down):

@@ -15,7 +15,7 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(SMOKE), "--train-steps", "2",
-         "--sample-batch", "2", "--sample-steps", "3", "--json", str(report_path),
+         "--sample-batch", "2", "--sample-steps", "3", "--json", str(report_path), "--compare",
          "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={tmp_path / 'runs'}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
@@ -38,6 +38,16 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     per_round = sorted(sampling["overhead_ratio_per_round"])  # the default 3 rounds; the ratio is their median
     assert len(per_round) == 3 and sampling["overhead_ratio"] == per_round[1]
     assert report["peak_memory_mb"] > 0
+    # the reverse loop on fixed buffers (a CUDA graph per step on CUDA), and its rate
+    assert sampling["static_image_steps_per_s"] > 0 and sampling["image_steps_per_s"] > 0
+    assert sampling["static_speedup"] > 0 and sampling["cuda_graph"] == torch.cuda.is_available()
+    # --compare: compile x channels_last for training, compile x fixed buffers for sampling
+    variants = report["variants"]
+    training_rows = {(v["compile"], v["channels_last"]) for v in variants if v["part"] == "training"}
+    sampling_rows = {(v["compile"], v["static"]) for v in variants if v["part"] == "sampling"}
+    both = {(False, False), (False, True), (True, False), (True, True)}
+    assert training_rows == both and sampling_rows == both and all(v["rate"] > 0 for v in variants)
+    assert "training: compile on, channels_last on" in done.stdout and "image-steps/s" in done.stdout
     for line in ("training images/s", "fed by a tutorial DataLoader", "of which convolutions",
                  "sampler overhead ratio", "peak memory"):
         assert line in done.stdout, line

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import FIXTURE_ROOT, SMOKE, run_cli
 from helpers import digest
 from PIL import Image
 
@@ -329,3 +329,24 @@ def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained
     assert code == 2 and err.strip().splitlines()[-1].endswith(
         "checkpoint format 1 was written by an earlier ddpm-mnist; it samples and evaluates, but training resumes "
         "only from format 2: start a new run")
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
+def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
+    from ddpm_mnist.config import load_config
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.previews import EMASamples
+    from ddpm_mnist.rng import PREVIEW_NOISE
+    from ddpm_mnist.unet import UNet
+
+    cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"train.preview_sampler={sampler}", "train.preview_steps=7"])
+    torch.manual_seed(0)
+    model = UNet(cfg.model).eval()
+    for p in model.parameters():  # the zero-initialised output layer would make every sampler agree
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    samples = EMASamples(cfg)
+    images = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
+    assert samples._reverse.kind == sampler and samples._reverse.num_steps == 7
+    again = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
+    assert torch.equal(images, again)  # the same noise at every call

@@ -265,3 +265,20 @@ def test_periodic_evaluation_is_logged(smoke_cfg: Config) -> None:
     for key in ("fid_mnist", "inception_score", "confidence", "class_kl"):
         assert [e.step for e in events.Scalars(f"eval/{key}")] == [10, 20], key
     assert all(e.value > 0 for e in events.Scalars("eval/fid_mnist"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the switches runtime.deterministic sets")
+def test_deterministic_runtime_switches_cuda_to_deterministic_kernels() -> None:
+    """Without these, two CUDA runs (and so a run and its resumed copy) differ in the last bits:
+    found on an H100, where the bit-exact resume tests failed with cuDNN's autotuner on."""
+    from ddpm_mnist.config import RuntimeConfig
+
+    try:
+        setup_runtime(RuntimeConfig(device="cuda", deterministic=False))
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        setup_runtime(RuntimeConfig(device="cuda", deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
