@@ -143,11 +143,11 @@ class TrainConfig:
     sample_every: int = param(1000, "steps between preview grids (0: only at the end)", ge=0)
     preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
     preview_sampler: str = param(
-        "dpmpp_2m", "sampler of preview grids and training metrics: dpmpp_2m (DPM-Solver++) | ddim (eta 0) | "
-        "ancestral", choices=("dpmpp_2m", "ddim", "ancestral"),
+        "ancestral", "sampler of preview grids and training metrics: ancestral | dpmpp_2m (DPM-Solver++) | "
+        "ddim (eta 0)", choices=("ancestral", "dpmpp_2m", "ddim"),
     )
     preview_steps: int = param(
-        20, "reverse steps of preview grids and training metrics (at most T, or T - 1 for dpmpp_2m)", ge=1
+        50, "reverse steps of preview grids and training metrics (at most T, or T - 1 for dpmpp_2m)", ge=1
     )
     eval_every: int = param(0, "steps between classifier metrics of EMA samples in TensorBoard (0: off)", ge=0)
     eval_n: int = param(256, "samples for those metrics (train.preview_sampler at train.preview_steps)", ge=2,

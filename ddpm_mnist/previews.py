@@ -1,9 +1,10 @@
 """What a training run shows of its EMA model: preview grids and classifier metrics, as `train.Hooks`.
 
 The CLI builds these and hands them to `train`, so the training loop itself knows nothing of
-sampling or evaluation. Both draw EMA samples with train.preview_sampler (DPM-Solver++ by default:
-the fastest sampler that `ddpm eval --sweep` found faithful) at train.preview_steps from fixed
-noise: the same noise at every call, so successive grids show the same digits taking shape.
+sampling or evaluation. Both draw EMA samples with train.preview_sampler at train.preview_steps
+(by default the ancestral loop at 50 steps: the fastest setting that `ddpm eval --sweep` found as
+good as the full loop) from fixed noise: the same noise at every call, so successive grids show
+the same digits taking shape.
 """
 
 from __future__ import annotations

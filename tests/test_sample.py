@@ -331,7 +331,7 @@ def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained
         "only from format 2: start a new run")
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp_2m", "ddim"])
 def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
     from ddpm_mnist.config import load_config
     from ddpm_mnist.device import Runtime

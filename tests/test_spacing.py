@@ -154,8 +154,9 @@ def test_changing_T_alone_works_for_every_command(tmp_path, capsys) -> None:
     assert code == 0, err  # train.preview_steps 10 of T = 30; sample.steps 0: the full loop
     cfg = load_config(SMOKE, sets)
     assert cfg.reverse_steps == 30 and cfg.preview_steps == 10
-    assert load_config(SMOKE, [*sets, "schedule.num_timesteps=5"]).preview_steps == 4  # dpmpp_2m: at most T - 1
-    assert load_config(SMOKE, [*sets, "schedule.num_timesteps=5", "train.preview_sampler=ddim"]).preview_steps == 5
+    assert load_config(SMOKE, [*sets, "schedule.num_timesteps=5"]).preview_steps == 5
+    dpm = [*sets, "schedule.num_timesteps=5", "train.preview_sampler=dpmpp_2m"]
+    assert load_config(SMOKE, dpm).preview_steps == 4  # dpmpp_2m: at most T - 1
     ckpt = tmp_path / "smoke" / "checkpoints" / "latest.pt"
     code, out, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", "2", "--out", tmp_path / "g.png")
     assert code == 0 and "ancestral, 30 steps" in out, err
