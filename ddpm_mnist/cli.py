@@ -198,17 +198,13 @@ def _digits(digit: int | None, digits: str | None) -> list[int] | None:
     """--digit 7 or --digits 0,3,8 as a list of digits (None: neither given)."""
     if digit is not None and digits is not None:
         raise UserError("--digit and --digits contradict each other: give one")
-    if digit is not None:
-        items = [str(digit)]
-    elif digits is not None:
-        items = [item.strip() for item in digits.split(",")]
-    else:
+    if digit is None and digits is None:
         return None
+    flag, text = ("--digit", str(digit)) if digit is not None else ("--digits", digits)
+    items = [item.strip() for item in text.split(",")]
     for item in items:
         if not item.isdigit() or int(item) > 9:
-            flag = "--digit" if digit is not None else "--digits"
-            raise UserError(f"{flag} {digit if digit is not None else digits}: each must be a digit 0 to 9, "
-                            f"got {item!r}")
+            raise UserError(f"{flag} {text}: each must be a digit 0 to 9, got {item!r}")
     return [int(item) for item in items]
 
 

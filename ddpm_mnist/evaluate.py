@@ -98,10 +98,11 @@ def classifier_metrics(
     counts = torch.bincount(predicted, minlength=10)
     accuracy: dict[str, Any] = {}
     if asked is not None:
-        hits = predicted.cpu() == asked.cpu()
+        asked = asked.cpu()
+        hits = predicted.cpu() == asked
         accuracy = {"class_accuracy": float(hits.double().mean()),
-                    "class_accuracy_per_digit": [float(hits[asked.cpu() == d].double().mean())
-                                                 if bool((asked.cpu() == d).any()) else None for d in range(10)]}
+                    "class_accuracy_per_digit": [float(hits[asked == d].double().mean()) if bool((asked == d).any())
+                                                 else None for d in range(10)]}
     return {**accuracy,
         "fid_mnist": frechet_distance(features, reference_features),
         "inception_score": inception_score(probs),

@@ -151,8 +151,7 @@ class TrainLogger:
         self.bar.total = steps
         self.bar.refresh()
         if self.writer is not None and self.budget is not None:
-            rate = (step - self.budget.mark_step) / max(time.perf_counter() - self.budget.mark_time, 1e-9)
-            tqdm.write(f"time budget {budget}: {steps:,} steps (measured {rate:.1f} steps/s over steps "
+            tqdm.write(f"time budget {budget}: {steps:,} steps (measured {self.budget.rate:.1f} steps/s over steps "
                        f"{self.budget.mark_step:,} to {step:,})")
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:

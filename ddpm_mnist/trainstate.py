@@ -80,6 +80,7 @@ class StepBudget:
         self.started = time.perf_counter()
         self.mark_step = first_step + self.WARMUP_STEPS
         self.mark_time = math.nan
+        self.rate = math.nan  # steps per second at the latest reading
         self.next_reading = self.mark_step
         per_step = 0.0  # previews and metrics, in training steps per training step
         if training.sample_every:
@@ -107,9 +108,9 @@ class StepBudget:
         self.next_reading = self.mark_step + 2 * (step - self.mark_step)
         if now - self.mark_time < max(self.MEASURE_SECONDS, self.MEASURE_SHARE * self.seconds):
             return None
-        rate = (step - self.mark_step) / (now - self.mark_time)  # steps per second
+        self.rate = (step - self.mark_step) / (now - self.mark_time)  # steps per second, as measured
         remaining = self.seconds - (now - self.started)
-        return step + max(0, int(remaining * rate / (1 + self.overhead)))
+        return step + max(0, int(remaining * self.rate / (1 + self.overhead)))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
