@@ -132,6 +132,10 @@ class TrainConfig:
         ge=0, lt=1,
     )
     loss: str = param("mse", "mse | l1 | huber, on the prediction target", choices=("mse", "l1", "huber"))
+    min_snr_gamma: float = param(
+        0.0, "weight each image's loss by Min-SNR-gamma (Hang et al. 2023; 5 in the paper; 0: unweighted)", ge=0,
+        le=1e6,
+    )
     ema_decay: float = param(0.9999, "EMA decay of the weights used for sampling", ge=0, lt=1)
     ema_warmup: bool = param(True, "EMA decay min(ema_decay, (1+n)/(10+n)) so early samples are not blank")
     compile: bool = param(False, "torch.compile the model for training")

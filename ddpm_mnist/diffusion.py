@@ -78,12 +78,14 @@ def training_losses(
     prediction_type: str = "epsilon",
     loss_type: str = "mse",
     class_labels: torch.Tensor | None = None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Algorithm 1 of Ho et al. for one batch: the loss of each image, (B,) float32.
 
     x_t = q(x_t | x0, eps) (line 5), the network's output against the target (eps for the paper's
     simplified objective, Eq. 14), averaged over pixels. Mixed precision is the caller's choice.
     `class_labels` (B,): the digits a conditional model is given ("no class" included).
+    `snr_gamma` > 0 weights each image's loss by Min-SNR-gamma (`min_snr_weights`); 0 leaves it as is.
     """
     x_t = add_noise(schedule, x0, noise, t)
     output = (model(x_t, t) if class_labels is None else model(x_t, t, class_labels)).float()
@@ -96,7 +98,27 @@ def training_losses(
         per_pixel = F.huber_loss(output, target, reduction="none", delta=1.0)
     else:
         raise ValueError(f"unknown loss {loss_type!r}")
-    return per_pixel.mean(dim=(1, 2, 3))
+    losses = per_pixel.mean(dim=(1, 2, 3))
+    return losses * min_snr_weights(schedule, t, prediction_type, snr_gamma) if snr_gamma > 0 else losses
+
+
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, Eq. 6 and Sec. 3.4), (B,) float32.
+
+    The x0 loss weighted by min(SNR_t, gamma), written for the target the network learns: that is
+    min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0.
+    SNR_t = abar_t / (1 - abar_t). Low-noise steps, whose large SNR dominates the x0 loss, are capped.
+    """
+    abar = schedule.alphas_cumprod.index_select(0, t.reshape(-1)).float()
+    snr = abar / (1 - abar)
+    if prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, and 1 at SNR = 0
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "v":
+        return capped / (snr + 1)
+    if prediction_type == "x0":
+        return capped
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:

@@ -1,0 +1,61 @@
+"""scripts/ablate.py: variants trained for one budget, measured with one sampler, tabled; finished runs reused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_ROOT, ROOT, SMOKE
+
+spec = importlib.util.spec_from_file_location("ablate", ROOT / "scripts" / "ablate.py")
+ablate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablate)
+
+
+def ablation(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--config", str(SMOKE), "--budget", "3s",
+         "--runs", str(tmp_path / "runs"), "--n", "8", "--steps", "2", "--out", str(tmp_path / "ablation.json"),
+         "--table", str(tmp_path / "ablation.md"),
+         "--variant", f"plain data.root={FIXTURE_ROOT} train.sample_every=0 train.checkpoint_every=0", *extra],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+
+
+def test_each_variant_trains_for_the_budget_and_is_measured_once(tmp_path: Path) -> None:
+    done = ablation(tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "ablation.json").read_text())
+    (row,) = report["rows"]
+    assert row["variant"] == "plain" and row["seed"] == 0 and row["steps"] > 0 and row["batch_size"] == 32
+    assert row["train_seconds"] >= 3 and 0 < row["confidence"] <= 1 and row["fid_mnist"] > 0
+    stored = (tmp_path / "runs" / "plain_s0" / "config.yaml").read_text()
+    assert f"steps: {row['steps']}" in stored  # the length the budget fixed, in the run's config
+    assert "| plain | 0 |" in (tmp_path / "ablation.md").read_text()
+    # run again: the finished run is read back, not trained again
+    eval_json = tmp_path / "runs" / "plain_s0" / "eval.json"
+    before = eval_json.stat().st_mtime_ns
+    again = ablation(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert eval_json.stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"] == [row]
+
+
+def test_summary_averages_seeds_sorts_by_fid_and_shows_the_spread() -> None:
+    rows = [{"variant": "a", "seed": 0, "fid_mnist": 30.0, "confidence": 0.9, "steps": 100, "batch_size": 64},
+            {"variant": "a", "seed": 1, "fid_mnist": 34.0, "confidence": 0.8, "steps": 110, "batch_size": 64},
+            {"variant": "b", "seed": 0, "fid_mnist": 20.0, "confidence": 0.95, "steps": 50, "batch_size": 128}]
+    (best, other) = ablate.summary(rows)
+    assert best["variant"] == "b" and best["spread"] == 0
+    assert other["fid_mnist"] == 32.0 and other["spread"] == 4.0 and other["confidence"] == pytest.approx(0.85)
+    assert "| a | 2 | 32.0 | 4.0 | 0.850 |" in ablate.table(rows)
+
+
+@pytest.mark.parametrize("text", ["", "bad name x=1", "name train.lr"])
+def test_a_malformed_variant_is_one_line(text: str) -> None:
+    with pytest.raises(SystemExit, match="error: --variant"):
+        ablate.parse_variant(text)
