@@ -248,7 +248,7 @@ def evaluate(
         images, asked = load_samples_and_labels(samples_path)
         n = options.get("n")
         if n is not None:
-            if n < 1 or n > len(images):
+            if n < 2 or n > len(images):  # a Frechet distance needs two images at least
                 raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
             images, asked = images[:n], None if asked is None else asked[:n]
         root, download = data_root or "data", True

@@ -281,7 +281,7 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
         if cfg_options.get(option) is not None and not stored.model.num_classes:
             flag = "--digit/--digits" if option == "digits" else "--guidance"
             raise UserError(f"{flag}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
-                            "choosing digits needs one trained with model.num_classes: 10")
+                            "digits and guidance need one trained with model.num_classes: 10")
     cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS)
     cfg = with_sample_options(cfg, **cfg_options)
     s = cfg.sample

@@ -115,6 +115,9 @@ def test_eval_command_on_a_samples_file_writes_json(trained_run: Path, tmp_path:
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["n"] == 24 and report["source"] == {"samples": str(tensor)}
     assert report["samples"]["fid_mnist"] > report["floor"]["fid_mnist"]  # 20 training steps are not digits yet
+    for n in ("1", "25"):  # a Frechet distance needs two images; the file holds 24
+        code, _, err = run_cli(capsys, "eval", "--samples", tensor, "--n", n, "--data", FIXTURE_ROOT)
+        assert code == 2 and "give 2..24" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_eval_command_samples_from_a_checkpoint(trained_run: Path, tmp_path: Path, capsys) -> None:
