@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 import ddpm_mnist
+from ddpm_mnist import checkpoint_checks as checks
 from ddpm_mnist.config import Config, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError
 from ddpm_mnist.paths import atomic_file, fsync_folder, temporary_name
-from ddpm_mnist.trainstate import TrainState
+from ddpm_mnist.trainstate import TrainState, parameter_groups
 from ddpm_mnist.unet import UNet
 
 FORMAT = "ddpm-mnist-checkpoint"
@@ -80,22 +81,27 @@ def save_checkpoint(contents: dict[str, Any], folder: Path, keep: int) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely (`weights_only=True`), checking its format, version and fields.
+    """Read a checkpoint safely and check every field before any use (see `checkpoint_checks`).
 
-    Every failure (missing, truncated, not a torch file, a pickle that would run code, another
-    format or version, fields of the wrong type) is a CheckpointError of one line.
+    The file is read once and verified as a whole zip archive (every record's CRC), then loaded
+    from those bytes with `weights_only=True`; its format, version, config, weights, optimiser,
+    lr-schedule and RNG states are then checked against the model its config describes. Every
+    failure (missing, not a regular file, truncated, damaged, a pickle that would run code, another
+    format or version, a field of the wrong type, shape or range) is a CheckpointError of one line
+    naming the field.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a checkpoint file such as {path / 'checkpoints' / LATEST}")
+    data = checks.read_verified(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(_unpickling_message(path, str(exc))) from None
     except Exception as exc:  # torch.load raises many kinds (IndexError on 4 torn bytes): all read the same
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in first:  # torch's advice to load unsafely is never passed on
+            first = "a pickle ddpm-mnist does not read"
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a torch file ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ddpm-mnist checkpoint (no '{FORMAT}' format marker)")
@@ -106,7 +112,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     _check_fields(state, path)
+    try:
+        _check_contents(state, checkpoint_config(state, path))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return state
+
+
+def _check_contents(state: dict[str, Any], cfg: Config) -> None:
+    """The weights against the config's model (built on the meta device: shapes, no memory), and,
+    where present, the optimiser, lr-schedule and RNG states against what training builds."""
+    with torch.device("meta"):
+        model = UNet(cfg.model)
+    expected = model.state_dict()
+    size = sum(t.numel() for t in expected.values())
+    if size > checks.MAX_PARAMETERS:
+        raise ValueError(f"its config describes a model of {size:,} parameters, more than ddpm-mnist loads")
+    checks.check_weights(state["model"], expected, "model", "raw")
+    checks.check_weights(state["ema"], expected, "ema", "EMA")
+    if state["format_version"] != FORMAT_VERSION:
+        return  # an older format samples; it never resumes, so its training state is never used
+    groups = [group["params"] for group in parameter_groups(model, cfg.train.weight_decay)]
+    if "optimizer" in state:
+        checks.check_optimizer(state["optimizer"], groups)
+    if "lr_scheduler" in state:
+        checks.check_lr_scheduler(state["lr_scheduler"], len(groups), LR_SCHEDULER_KEYS)
+    if "rng" in state:
+        checks.check_rng(state["rng"])
+    budget = state.get("time_budget", "")
+    if not isinstance(budget, str) or len(budget) > 40:
+        raise ValueError(f"its time_budget must be a duration such as 20m, got {_short(budget)}")
+
+
+# What LambdaLR.state_dict() holds (load_state_dict sets each as an attribute), and older torch's 'verbose'
+LR_SCHEDULER_KEYS = {"base_lrs", "last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step",
+                     "_last_lr", "lr_lambdas", "verbose"}
 
 
 def _unpickling_message(path: Path, text: str) -> str:
@@ -130,9 +170,9 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
     missing = [key for key in ("config", "step", "model", "ema") if key not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing {', '.join(missing)}")
-    for key in ("step", "ema_num_averaged", "world_size", "skipped"):
+    for key in ("step", "ema_num_averaged", "world_size", "skipped", "epoch"):
         value = state.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**62:
             raise CheckpointError(f"{path}: its {key} must be a whole number >= 0, got {_short(value)}")
     for key in ("model", "ema"):
         weights = state[key]
@@ -151,13 +191,7 @@ def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
-    """Load a state dict, refusing non-finite values and a mismatch with the config's model, in one line."""
-    bad = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise CheckpointError(
-            f"{path}: its {what} weights hold NaN or infinite values ({len(bad)} tensor(s), e.g. {bad[0]}): "
-            "the run diverged before this checkpoint; sample from an earlier one"
-        )
+    """Load a state dict that `load_checkpoint` checked; a mismatch with the live model is one line."""
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:

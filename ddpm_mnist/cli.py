@@ -71,7 +71,7 @@ def schedule(
             configs[f"{label} {name}"] = _config(path, [*(set_ or []), f"schedule.beta_schedule={name}"])
     if csv is not None and len(configs) > 1:
         raise UserError("--csv writes one schedule: give one --config and at most one --schedule")
-    typer.echo(report_schedules(configs, csv=csv, plot=plot))
+    typer.echo(report_schedules(configs, csv=csv, plot=plot, inputs=[path for path in config or [] if path]))
 
 
 @app.command()

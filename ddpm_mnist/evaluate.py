@@ -28,7 +28,7 @@ from ddpm_mnist.classifier import MNISTClassifier, classify, load_classifier
 from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import load_samples_and_labels
-from ddpm_mnist.paths import check_suffix, ensure_writable, write_text
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
 
 # L2 distance in [0, 1] pixel space (784 pixels) under which a sample counts as a copy of a
 # training digit: 3.6% RMS per pixel. 5 of the 10,000 MNIST test digits are this close to a
@@ -230,6 +230,7 @@ def evaluate(
         raise UserError("give one of --ckpt (sample, then measure) or --samples (measure a file from ddpm sample)")
     if json_path is not None:
         ensure_writable(check_suffix(json_path, "--json", (".json",)))
+        check_paths({"--json": json_path}, inputs={"--ckpt": ckpt_path, "--samples": samples_path})
     started = time.perf_counter()
     if ckpt_path is not None:
         from ddpm_mnist.sample import prepare_sampling  # sampling only when there is a checkpoint to sample

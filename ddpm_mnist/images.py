@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm_mnist.checkpoint_checks import check_tensor
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import atomic_file
+from ddpm_mnist.paths import atomic_file, check_input_file
 
 TRAJECTORY_IMAGES = 8  # samples shown in a trajectory
 TRAJECTORY_FRAMES = 40  # GIF frames, evenly spread over the steps
@@ -72,6 +73,7 @@ def load_samples(path: Path) -> torch.Tensor:
 def load_samples_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read a `.pt` or `.npz` file written by `save_tensor`: uint8 (N, 1, 28, 28), and the asked
     digits (N,) int64 where the file holds them."""
+    check_input_file(path, "samples")
     labels = None
     try:
         if path.suffix == ".npz":
@@ -88,6 +90,12 @@ def load_samples_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor | No
         raise UserError(f"{path}: not a samples file written by ddpm sample ({type(exc).__name__})") from None
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (1, 28, 28):
         raise UserError(f"{path}: expected uint8 images of shape (N, 1, 28, 28)")
+    try:  # a stranger's file: dense tensors of their own elements, as save_tensor writes them
+        check_tensor(images, "images", torch.uint8)
+        if labels is not None:
+            check_tensor(labels, "labels", labels.dtype)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(images),)
                                or labels.dtype != torch.int64 or bool(((labels < 0) | (labels > 9)).any())):
         raise UserError(f"{path}: its labels must be {len(images)} digits 0 to 9 (int64)")

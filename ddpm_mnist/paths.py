@@ -1,4 +1,9 @@
-"""Output files: checked before the work that fills them, and written whole or not at all.
+"""Inputs and outputs: checked before any work, never confused, and written whole or not at all.
+
+Every input (`--ckpt`, `--config`, `--samples`) must be a regular file: a FIFO would block and a
+device would never end. Every output is resolved and compared with every input and with the
+other outputs before any work (`check_paths`), by name and by inode (a checkpoint's `latest.pt`
+is a hard link), so an output never replaces an input.
 
 Every file the tool writes goes through `atomic_file`: it is written under a temporary name that
 no other writer can pick (PID plus random), then renamed over its final name. So a reader, a
@@ -11,26 +16,57 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from ddpm_mnist.errors import UserError
 
 
+def check_input_file(path: Path, what: str) -> None:
+    """Refuse, in one line, an input that is missing, a folder, or not a regular file (a FIFO would block)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise UserError(f"{path}: cannot read the {what}: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{path}: is a folder, not a {what} file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path}: not a regular file (a pipe, socket or device); give a {what} file")
+
+
+def resolved(path: Path) -> Path:
+    """The absolute path with symlinks followed, or one UserError line (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"cannot use {path}: {getattr(exc, 'strerror', None) or exc} (a symlink loop?)") from None
+
+
 def ensure_writable(path: Path, *, folder: bool = False) -> Path:
-    """Create the folder that will hold `path` (or `path` itself when `folder`), or say why not."""
+    """Create the folder that will hold `path` (or `path` itself when `folder`) and try writing a
+    file there (root passes `os.access` on /proc and read-only mounts), or say why not."""
     target = path if folder else path.parent
+    resolved(target)
     for parent in [target, *target.parents]:
+        if parent.is_symlink() and not parent.exists():
+            raise UserError(f"cannot write {path}: {parent} is a symlink to {os.readlink(parent)}, which is missing")
         if parent.exists() and not parent.is_dir():
             raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    if not os.access(target, os.W_OK):
-        raise UserError(f"cannot write {path}: {target} is not writable")
     if not folder and path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder")
+    probe = temporary_name(target / "probe")
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {target} refuses new files ({exc.strerror or exc})") from None
     return path
 
 
@@ -41,16 +77,39 @@ def check_suffix(path: Path, option: str, suffixes: tuple[str, ...]) -> Path:
     return path
 
 
-def check_distinct(outputs: dict[str, Path | None]) -> None:
-    """Refuse two outputs (option name -> path) that would write the same file."""
-    seen: dict[Path, str] = {}
-    for option, path in outputs.items():
+def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
+    """(resolved path, (device, inode) when the file exists): two names of one file compare equal."""
+    where = resolved(path)
+    try:
+        info = where.stat()
+    except OSError:
+        return where, None
+    return where, (info.st_dev, info.st_ino)
+
+
+def check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None] | None = None,
+                folders: dict[str, Path | None] | None = None) -> None:
+    """Refuse, before any work, an output (a file, or a folder such as --images-dir) that is an input
+    or another output, by name or by inode. Keys are option names, for the message."""
+    inputs = {option: path for option, path in (inputs or {}).items() if path is not None}
+    read: dict[object, str] = {}
+    for option, path in inputs.items():
+        for key in _identity(path):
+            if key is not None:
+                read[key] = option
+    written: dict[object, str] = {}
+    for option, path in {**outputs, **(folders or {})}.items():
         if path is None:
             continue
-        key = path.resolve()
-        if key in seen:
-            raise UserError(f"{seen[key]} and {option} both write {path}: give them different paths")
-        seen[key] = option
+        for key in _identity(path):
+            if key is None:
+                continue
+            if key in read:
+                raise UserError(f"{option} {path}: that is the file {read[key]} reads; an output never replaces "
+                                "an input: give another path")
+            if key in written:
+                raise UserError(f"{written[key]} and {option} both write {path}: give them different paths")
+            written[key] = option
 
 
 def temporary_name(path: Path) -> Path:

@@ -18,7 +18,7 @@ from ddpm_mnist.config import Config
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
-from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
 from ddpm_mnist.sample import prepare_sampling
 
 GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --tensor take every image
@@ -49,8 +49,9 @@ def sample_from_checkpoint(
     run = prepare_sampling(ckpt_path, options or {}, overrides, device_name)
     s = run.cfg.sample
     out = out or default_grid_path(ckpt_path, run.cfg)
-    check_distinct({"--out": out, "--tensor": tensor_path, "--trajectory": trajectory,
-                    "--trajectory's strip": strip_path(trajectory) if trajectory else None})
+    check_paths({"--out": out, "--tensor": tensor_path, "--trajectory": trajectory,
+                 "--trajectory's strip": strip_path(trajectory) if trajectory else None},
+                inputs={"--ckpt": ckpt_path}, folders={"--images-dir": images_dir})
     for path in (out, tensor_path, trajectory):
         if path is not None:
             ensure_writable(path)

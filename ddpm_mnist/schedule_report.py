@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
 from ddpm_mnist.schedule import NoiseSchedule, make_schedule, summary_rows, write_csv
 
 
@@ -30,13 +30,15 @@ def describe_schedule(label: str, cfg: Config, schedule: NoiseSchedule) -> str:
     return "\n".join(lines)
 
 
-def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: Path | None = None) -> str:
-    """Summaries of each config's schedule; writes the CSV (one config) and the plot if asked."""
+def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: Path | None = None,
+                     inputs: list[Path] | None = None) -> str:
+    """Summaries of each config's schedule; writes the CSV (one config) and the plot if asked
+    (neither may be one of the config files `inputs`)."""
     if csv is not None:
         ensure_writable(check_suffix(csv, "--csv", (".csv",)))
     if plot is not None:
         ensure_writable(check_suffix(plot, "--plot", (".png",)))
-    check_distinct({"--csv": csv, "--plot": plot})
+    check_paths({"--csv": csv, "--plot": plot}, inputs={f"--config {path}": path for path in inputs or []})
     schedules = {label: make_schedule(cfg.schedule) for label, cfg in configs.items()}
     text = [describe_schedule(label, configs[label], sch) for label, sch in schedules.items()]
     if csv is not None:

@@ -26,7 +26,7 @@ from ddpm_mnist.config import TIMESTEP_SPACINGS
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.evaluate import classifier_metrics, floor_digits, real_digits
-from ddpm_mnist.paths import check_distinct, check_suffix, ensure_writable, write_text
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
 from ddpm_mnist.sample import Sampling, prepare_sampling
 
 COLUMNS = ("fid_mnist", "confidence", "class_kl")
@@ -82,7 +82,7 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
     for path, option, suffixes in ((json_path, "--json", (".json",)), (plot_path, "--plot", (".png",))):
         if path is not None:
             ensure_writable(check_suffix(path, option, suffixes))
-    check_distinct({"--json": json_path, "--plot": plot_path})
+    check_paths({"--json": json_path, "--plot": plot_path}, inputs={"--ckpt": ckpt_path})
     options = options or {}
     runs = [prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name) for setting in settings]
     first = runs[0].cfg

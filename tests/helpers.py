@@ -25,3 +25,12 @@ def weights(run_dir: Path, name: str = "latest.pt") -> dict[str, torch.Tensor]:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def one_line_error(code: int, err: str, says: str) -> str:
+    """Assert exit code 2 and exactly one line on stderr (after any progress bar) that says `says`."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert says in lines[0], lines[0]
+    return lines[0]

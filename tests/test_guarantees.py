@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
-from helpers import digest, smoke_run, weights
+from helpers import digest, one_line_error, smoke_run, weights
 
 from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.config import Config, config_from_dict, load_config
@@ -26,15 +26,6 @@ from ddpm_mnist.data import MNIST_FILES, known_sets, load_mnist
 from ddpm_mnist.errors import ConfigError, DataError, RunError
 from ddpm_mnist.paths import atomic_file, temporary_name
 from ddpm_mnist.runfolder import RunFolder
-
-
-def one_line_error(code: int, err: str, says: str) -> str:
-    """Assert exit code 2 and exactly one line on stderr (after any progress bar) that says `says`."""
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert code == 2, err[-2000:]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert says in lines[0], lines[0]
-    return lines[0]
 
 
 def train_args(out_dir: Path, *sets: str) -> list[str]:

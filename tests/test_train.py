@@ -97,8 +97,8 @@ def test_resume_refuses_a_damaged_training_state_in_one_line(smoke_cfg: Config, 
     config = run_dir / "config.yaml"
     code, _, err = run_cli(capsys, "train", "--config", config, "--set", "train.steps=12", "--resume")
     assert code == 2
-    assert err.strip().splitlines() == [f"error: {latest}: training state cannot be restored "
-                                        "('rng' is not a list of one state per process)"]
+    assert err.strip().splitlines() == [f"error: {latest}: rng: must be a list of one state per process; "
+                                        "delete it to resume from the newest numbered checkpoint"]
 
 
 def test_a_run_folder_is_not_overwritten_by_accident(smoke_cfg: Config) -> None:
