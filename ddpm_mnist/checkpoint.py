@@ -28,7 +28,7 @@ import ddpm_mnist
 from ddpm_mnist import checkpoint_checks as checks
 from ddpm_mnist.config import Config, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError
-from ddpm_mnist.paths import atomic_file, fsync_folder, temporary_name
+from ddpm_mnist.paths import atomic_file, fsync_folder, record_written, temporary_name
 from ddpm_mnist.trainstate import TrainState, parameter_groups
 from ddpm_mnist.unet import UNet
 
@@ -43,9 +43,18 @@ def numbered_name(step: int) -> str:
     return f"step_{step:09d}.pt"
 
 
+NUMBERED = re.compile(r"step_([0-9]{9,})\.pt")
+
+
 def numbered_checkpoints(folder: Path) -> list[Path]:
-    """The numbered checkpoints in a folder, newest first."""
-    return sorted(folder.glob("step_*.pt"), reverse=True)
+    """The numbered checkpoints in a folder, newest first: exactly the names `numbered_name` writes
+    (a user's `step_best.pt` is not one of them)."""
+    found = []
+    for path in folder.glob("step_*.pt"):
+        match = NUMBERED.fullmatch(path.name)
+        if match and numbered_name(int(match[1])) == path.name:
+            found.append((int(match[1]), path))
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def save_checkpoint(contents: dict[str, Any], folder: Path, keep: int) -> Path:
@@ -63,6 +72,7 @@ def save_checkpoint(contents: dict[str, Any], folder: Path, keep: int) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, fsync=True) as tmp:
             tmp.write_bytes(buffer.getbuffer())
+        record_written(folder / LATEST)
         link = temporary_name(folder / LATEST)
         try:
             try:
@@ -229,6 +239,7 @@ def checkpoint_contents(
         "epoch": step // steps_per_epoch,
         "world_size": len(rngs),
         "skipped": train_state.skipped,
+        "time_budget": train_state.time_budget,
         "model": train_state.model.state_dict(),
         "ema": train_state.ema.module.state_dict(),
         "ema_num_averaged": int(train_state.ema.n_averaged),
@@ -271,3 +282,4 @@ def restore_train_state(
         raise CheckpointError(f"{path}: training state cannot be restored ({str(exc)[:200]})") from None
     train_state.step = contents["step"]
     train_state.skipped = contents.get("skipped", 0)
+    train_state.time_budget = contents.get("time_budget", train_state.time_budget)

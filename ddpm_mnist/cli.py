@@ -5,13 +5,15 @@ Bad input of any kind raises `UserError`; `main` turns it into one line on stder
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from ddpm_mnist.config import Config, apply_overrides, dump_yaml, load_config
-from ddpm_mnist.errors import UserError
+from ddpm_mnist.errors import Stopped, Terminated, UserError
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -32,9 +34,14 @@ SET_HELP = "Override a config key, e.g. --set train.lr=1e-4 (repeatable; the val
 
 def _config(path: Path | None, overrides: list[str] | None) -> Config:
     """The config from a file (or the defaults when there is none) with --set overrides applied."""
+    notes: list[str] = []
     if path is None:
-        return apply_overrides(Config(), overrides or [], "defaults")
-    return load_config(path, overrides or [])
+        cfg = apply_overrides(Config(), overrides or [], "defaults", notes=notes)
+    else:
+        cfg = load_config(path, overrides or [], notes=notes)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)  # stderr: `ddpm config > file.yaml` stays YAML
+    return cfg
 
 
 @app.command()
@@ -89,15 +96,11 @@ def train(
 ) -> None:
     """Train a DDPM on MNIST: checkpoints, TensorBoard logs and sample grids go to out_dir/name/."""
     from ddpm_mnist.previews import training_hooks
-    from ddpm_mnist.train import Interrupted
     from ddpm_mnist.train import train as run_training
 
     cfg = _config(config, set_)
-    try:
-        run_training(cfg, hooks=training_hooks(cfg), resume=resume, overwrite=overwrite, device_name=device,
-                     change_world_size=change_world_size)
-    except Interrupted:
-        raise SystemExit(130) from None
+    run_training(cfg, hooks=training_hooks(cfg), resume=resume, overwrite=overwrite, device_name=device,
+                 change_world_size=change_world_size)
 
 
 @app.command()
@@ -203,18 +206,29 @@ def _digits(digit: int | None, digits: str | None) -> list[int] | None:
     flag, text = ("--digit", str(digit)) if digit is not None else ("--digits", digits)
     items = [item.strip() for item in text.split(",")]
     for item in items:
-        if not item.isdigit() or int(item) > 9:
+        if len(item) != 1 or item not in "0123456789":  # str.isdigit() takes '²' and '⑦' too, int() does not
             raise UserError(f"{flag} {text}: each must be a digit 0 to 9, got {item!r}")
     return [int(item) for item in items]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `ddpm` script: bad input of any kind is one line on stderr and exit code 2."""
+    """Entry point of the `ddpm` script: bad input of any kind is one line on stderr and exit code 2;
+    Ctrl-C exits with 130 and SIGTERM with 143, each with one line on what was kept.
+
+    The command is invoked here rather than through `app()`, whose non-standalone mode turns Ctrl-C
+    into a returned 130 that a caller easily drops (it once exited 0)."""
     args = sys.argv[1:] if argv is None else argv
+    previous = _on_sigterm(_terminate)
     try:
-        app(args=args, prog_name="ddpm", standalone_mode=False)
+        command = typer.main.get_command(app)
+        with command.make_context("ddpm", list(args)) as ctx:
+            command.invoke(ctx)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, Stopped) as exc:
+        stop = exc if isinstance(exc, Stopped) else Stopped.after(exc, "nothing was written by this command")
+        typer.echo(f"stopped by {'SIGTERM' if stop.terminated else 'Ctrl-C'}: {stop.kept}", err=True)
+        sys.exit(143 if stop.terminated else 130)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
@@ -222,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
             typer.echo(exc.ctx.get_help(), err=True)  # `ddpm` alone: the help, as users expect
             sys.exit(2)
-        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "ddpm"
-        typer.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
+        command_path = exc.ctx.command_path if getattr(exc, "ctx", None) else "ddpm"
+        typer.echo(f"error: {exc.format_message()} (see {command_path} --help)", err=True)
         sys.exit(2)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -232,3 +246,19 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(2)
+    finally:
+        _on_sigterm(previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler (where this is the main thread); return the one it replaces."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a test runner's worker): leave signals alone
+        return None

@@ -12,6 +12,7 @@ import difflib
 import math
 import re
 import reprlib
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,8 @@ class TrainConfig:
     epochs: int = param(0, "epochs to train; needs steps: 0 (0: train by steps)", ge=0, le=10**6)
     time_budget: str = param(
         "", "train for this long instead (90s, 20m, 1.5h; needs steps: 0 and epochs: 0): the steps are fixed "
-        "once from the step rate measured over the first steps", expected="a duration such as 90s, 20m or 1.5h",
+        "once from the step rate measured over the first steps",
+        expected="a duration from 1s to 1000h such as 90s, 20m or 1.5h",
     )
     lr: float = param(2e-4, "peak learning rate of AdamW", gt=0, le=1)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0, le=1)
@@ -180,7 +182,7 @@ class SampleConfig:
         choices=("fixed_small", "fixed_large"),
     )
     clip_sample: bool = param(True, "clip the predicted x0 to [-clip_sample_range, clip_sample_range]")
-    clip_sample_range: float = param(1.0, "clip bound for the predicted x0", gt=0)
+    clip_sample_range: float = param(1.0, "clip bound for the predicted x0 (images lie in [-1, 1])", gt=0, le=1000)
     batch_size: int = param(256, "images per forward pass (does not change the images)", ge=1, le=65536)
     use_ema: bool = param(True, "sample with the EMA weights")
     compile: bool = param(False, "torch.compile the model for sampling")
@@ -246,6 +248,7 @@ SECTIONS: dict[str, type] = {
 MOVED_KEYS = {"train.device": "runtime.device", "train.mixed_precision": "runtime.mixed_precision"}
 # What `ddpm sample` and `ddpm eval` may override: how to sample and where to run, never the trained model.
 SAMPLE_TIME_KEYS = ("sample.", "runtime.", "seed")
+MAX_CONFIG_BYTES = 1 << 20  # a whole config is about 2 KB
 MAX_DEPTH = 8  # a config is sections of keys holding at most a list: anything deeper is not a config
 
 
@@ -480,6 +483,11 @@ def _validate_schedule(cfg: Config, source: str) -> None:
             f"{source}: schedule.beta_start: must be <= schedule.beta_end ({schedule.beta_end:g}), "
             f"got {schedule.beta_start:g}"
         )
+    if schedule.rescale_zero_terminal_snr and schedule.num_timesteps < 2:
+        raise ConfigError(
+            f"{source}: schedule.rescale_zero_terminal_snr: needs schedule.num_timesteps >= 2 (the rescaling "
+            "pins the first and the last alpha-bar; at T = 1 they are one and the same)"
+        )
     if schedule.rescale_zero_terminal_snr and cfg.model.prediction_type == "epsilon":
         raise ConfigError(
             f"{source}: schedule.rescale_zero_terminal_snr: needs model.prediction_type v or x0 "
@@ -518,12 +526,18 @@ def _validate_model(model: ModelConfig, source: str) -> None:
             )
 
 
+SHORTEST_BUDGET, LONGEST_BUDGET = 1.0, 1000 * 3600.0  # seconds: a budget must measure a step rate, and end
+
+
 def duration_seconds(text: str) -> float:
-    """'90s', '20m' or '1.5h' in seconds; ValueError for anything else, or a duration of 0."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh])\s*", text)
-    if match is None or float(match[1]) == 0:
+    """'90s', '20m' or '1.5h' in seconds; ValueError for anything else, or outside 1s .. 1000h."""
+    match = re.fullmatch(r"\s*([0-9]{1,12}(?:\.[0-9]{1,12})?)\s*([smh])\s*", text)
+    if match is None:
         raise ValueError(text)
-    return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+    seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+    if not SHORTEST_BUDGET <= seconds <= LONGEST_BUDGET:
+        raise ValueError(text)
+    return seconds
 
 
 def _validate_digits(cfg: Config, source: str) -> None:
@@ -545,13 +559,14 @@ def _validate_lengths(cfg: Config, source: str) -> None:
             duration_seconds(training.time_budget)
         except ValueError:
             raise ConfigError(
-                f"{source}: train.time_budget: must be a duration such as 90s, 20m or 1.5h, "
+                f"{source}: train.time_budget: must be a duration from 1s to 1000h such as 90s, 20m or 1.5h, "
                 f"got {_describe(training.time_budget)}"
             ) from None
         if training.steps or training.epochs:
             raise ConfigError(
-                f"{source}: train.time_budget: a budget replaces train.steps and train.epochs; set both to 0 "
-                f"(got steps={training.steps}, epochs={training.epochs}; e.g. --set train.steps=0)"
+                f"{source}: train.time_budget: a budget replaces train.steps and train.epochs: give one length "
+                f"(got steps={training.steps}, epochs={training.epochs}, time_budget={training.time_budget}; "
+                "--set train.time_budget='' turns the budget off)"
             )
     elif (training.steps > 0) == (training.epochs > 0):
         raise ConfigError(
@@ -571,23 +586,29 @@ def _validate_lengths(cfg: Config, source: str) -> None:
         )
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file, apply `section.key=value` overrides, validate everything."""
+def load_config(path: str | Path, overrides: list[str] | None = None, notes: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply `section.key=value` overrides, validate everything (`notes`:
+    see `apply_overrides`)."""
     path = Path(path)
     try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{path}: is a folder, not a config file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero would never end
+            raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); give a config file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {info.st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {_first_line(exc)}") from None
     raw = parse_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path}: file is empty; a config is a YAML mapping of sections")
     cfg = config_from_dict(raw, str(path), check=False)
     if overrides:
-        return apply_overrides(cfg, overrides, str(path))
+        return apply_overrides(cfg, overrides, str(path), notes=notes)
     validate(cfg, str(path))
     return cfg
 
@@ -612,16 +633,19 @@ def _override_target(key: str, where: str) -> tuple[Any, dict, str, str | None]:
 
 
 def apply_overrides(
-    cfg: Config, overrides: list[str], source: str = "config", *, allowed: tuple[str, ...] | None = None
+    cfg: Config, overrides: list[str], source: str = "config", *, allowed: tuple[str, ...] | None = None,
+    notes: list[str] | None = None,
 ) -> Config:
     """Apply `--set key=value` strings (value parsed as YAML, checked like the file) and re-validate.
 
     Each override is checked on its own (so the error names it); checks that involve several
     keys run once all overrides are in, so `beta_start` and `beta_end` can be moved together.
     `allowed` limits the keys (prefixes such as "sample."): at sample time the trained model's
-    keys are not the user's to change.
+    keys are not the user's to change. A run length given here (train.steps, train.epochs or
+    train.time_budget) replaces the one the file gives, and `notes` hears of it.
     """
     raw = to_dict(cfg)
+    given = set()
     for item in overrides:
         where = f"--set {_describe_text(item)}"
         key, sep, text = item.partition("=")
@@ -636,7 +660,29 @@ def apply_overrides(
             )
         target = raw if section is None else raw[section]
         target[name] = _coerce(parse_yaml(text, where), hint, key, meta, where)
+        given.add(key)
+    replaced = _replace_length(raw["train"], given)
+    if replaced and notes is not None:
+        notes.append(replaced)
     return config_from_dict(raw, f"{source} with --set")
+
+
+LENGTH_KEYS = {"steps": 0, "epochs": 0, "time_budget": ""}  # a run's length, and each one's "off"
+
+
+def _replace_length(train: dict[str, Any], given: set[str]) -> str:
+    """Where `--set` gave a run length, turn off the lengths of the file it did not give; say which."""
+    chosen = [key for key in LENGTH_KEYS if f"train.{key}" in given and train[key] != LENGTH_KEYS[key]]
+    if not chosen:
+        return ""
+    dropped = [f"train.{key}: {train[key]}" for key in LENGTH_KEYS
+               if f"train.{key}" not in given and train[key] != LENGTH_KEYS[key]]
+    if not dropped:
+        return ""
+    for key in LENGTH_KEYS:
+        if f"train.{key}" not in given:
+            train[key] = LENGTH_KEYS[key]
+    return f"--set train.{chosen[0]}={train[chosen[0]]} replaces the config's {', '.join(dropped)}"
 
 
 def with_sample_options(cfg: Config, *, seed: int | None = None, **sample: Any) -> Config:

@@ -149,12 +149,14 @@ class StopFlag:
     def __init__(self, ddp: Dist) -> None:
         self.ddp = ddp
         self.requested = False
+        self.terminated = False  # the request was SIGTERM (the CLI then exits with 143, not 130)
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.terminated = signum == signal.SIGTERM
 
     def agreed(self) -> bool:
         """Whether to stop after this step (a host-side all-reduce under torchrun)."""
@@ -171,11 +173,3 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class Interrupted(Exception):
-    """The run stopped on Ctrl-C or SIGTERM after saving a checkpoint at `step` (the CLI exits with 130)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped at step {step}")
-        self.step = step

@@ -1,4 +1,6 @@
-"""The one exception type the CLI turns into a single line and exit code 2."""
+"""The exceptions the CLI turns into one line: bad input (exit code 2) and requested stops (130, 143)."""
+
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -19,3 +21,22 @@ class CheckpointError(UserError):
 
 class RunError(UserError):
     """A run folder or training state that refuses the requested action."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that whatever cleans up after one
+    cleans up after the other."""
+
+
+class Stopped(Exception):
+    """A stop the user asked for, with one line on what was kept; the CLI exits with 130 (Ctrl-C)
+    or 143 (SIGTERM)."""
+
+    def __init__(self, kept: str, terminated: bool) -> None:
+        super().__init__(kept)
+        self.kept, self.terminated = kept, terminated
+
+    @classmethod
+    def after(cls, interrupt: BaseException, kept: str) -> Stopped:
+        """The stop that `interrupt` (a KeyboardInterrupt or Terminated) asked for."""
+        return cls(kept, isinstance(interrupt, Terminated))

@@ -169,6 +169,14 @@ def floor_digits(train_images: torch.Tensor, test_images: torch.Tensor, n: int, 
     return real_train, real_test
 
 
+def measure_floor(train_images: torch.Tensor, test_images: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
+    """The classifier, the test set's features, and the metrics of n real training digits."""
+    classifier = load_classifier()
+    reference, _ = classify(classifier, to_model_range(test_images))
+    real, _ = floor_digits(train_images, test_images, n, seed)  # the same floor as ddpm eval's
+    return {"reference": (classifier, reference), "metrics": classifier_metrics(classifier, real, reference)}
+
+
 def real_digits(data_root: str | Path, download: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST's training and test digits, once n is known to fit the floor (n real digits of each)."""
     if n < 2:

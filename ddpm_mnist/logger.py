@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ddpm_mnist.config import Config, dump_yaml, to_dict
 from ddpm_mnist.errors import RunError
+from ddpm_mnist.paths import record_written
 from ddpm_mnist.schedule import NoiseSchedule
 from ddpm_mnist.unet import count_parameters
 
@@ -71,6 +72,9 @@ class Interval:
         )
 
 
+EVENTS = "events.out.tfevents.*"
+
+
 class TrainLogger:
     """Rank 0's event file and progress bar for one run (a context manager closes both)."""
 
@@ -80,8 +84,11 @@ class TrainLogger:
         self.images_per_step = images_per_step  # this process's batch, for images/s
         self.writer: SummaryWriter | None = None
         if enabled:
+            before = set(run_dir.glob(EVENTS))
             try:  # purge_step: events a killed run logged after its last checkpoint are dropped on resume
                 self.writer = SummaryWriter(str(run_dir), purge_step=start_step)
+                for events in set(run_dir.glob(EVENTS)) - before:  # the writer names its file itself
+                    record_written(events)
             except OSError as exc:
                 raise RunError(f"cannot write TensorBoard events in {run_dir}: {exc.strerror or exc}") from None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=name,
@@ -165,11 +172,9 @@ class TrainLogger:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
-    def stopped(self, step: int, latest: Path) -> None:
-        """Close the bar and say where the run stopped (Ctrl-C or SIGTERM)."""
+    def stopped(self) -> None:
+        """Close the bar (Ctrl-C or SIGTERM; the CLI says where the run stopped)."""
         self.bar.close()
-        if self.writer is not None:
-            print(f"stopped at step {step:,}: saved {latest}; continue with --resume")
 
     def run_end(self, cfg: Config, step: int, latest: Path) -> None:
         """The config and the final loss in TensorBoard's HParams tab, in the run's own event file

@@ -14,6 +14,7 @@ temporary file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
@@ -21,6 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ddpm_mnist.errors import UserError
+
+# A run folder's record of the files this tool wrote there: one JSON string (a path relative to the
+# folder) a line. `--overwrite` deletes those files and nothing else.
+MANIFEST = ".ddpm-manifest"
 
 
 def check_input_file(path: Path, what: str) -> None:
@@ -124,6 +129,7 @@ def atomic_file(path: Path, *, fsync: bool = False) -> Iterator[Path]:
     With `fsync`, the data and the folder entry are flushed to disk (checkpoints: a power cut must
     not leave a renamed but empty file).
     """
+    record_written(path)
     tmp = temporary_name(path)
     try:
         yield tmp
@@ -136,6 +142,42 @@ def atomic_file(path: Path, *, fsync: bool = False) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder an output lies in (its own folder, or the one above: checkpoints/, samples/)."""
+    for folder in (path.parent, path.parent.parent):
+        if (folder / MANIFEST).is_file():
+            return folder
+    return None
+
+
+def recorded(folder: Path) -> set[str]:
+    """The files the manifest of a run folder lists, relative to it (empty when there is none)."""
+    try:
+        lines = (folder / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    names = set()
+    for line in lines:
+        try:
+            name = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash: its file, if any, is simply not ours
+        if isinstance(name, str):
+            names.add(name)
+    return names
+
+
+def record_written(path: Path) -> None:
+    """Add `path` to the manifest of the run folder it lies in, if any, before it is written (so that
+    a crash never leaves a file of ours unrecorded)."""
+    folder = run_folder_of(path)
+    if folder is None:
+        return
+    name = path.relative_to(folder).as_posix()
+    with open(folder / MANIFEST, "a", encoding="utf-8") as f:  # one short append: atomic beside other writers
+        f.write(json.dumps(name) + "\n")
 
 
 def fsync_folder(folder: Path) -> None:

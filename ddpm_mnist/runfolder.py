@@ -1,4 +1,8 @@
-"""A run's folder: who may write it, and what `--resume` and `--overwrite` do to it.
+"""A run's folder: who may write it, what it holds, and what `--resume` and `--overwrite` do to it.
+
+The folder's manifest (`paths.MANIFEST`) lists every file the tool wrote there, recorded before
+each is written. `--overwrite` deletes exactly those files, and refuses, before deleting anything,
+a folder that holds any other file: a user's notes in samples/ or a checkpoint of another tool.
 
 One process writes a run folder at a time: it holds an exclusive `flock` on `<run>/.lock` for
 the whole run, so a second `ddpm train` on the same folder (or an `--overwrite` of it) is refused
@@ -11,20 +15,24 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.config import Config, dump_yaml, to_dict
 from ddpm_mnist.errors import CheckpointError, RunError, UserError
-from ddpm_mnist.paths import write_text
+from ddpm_mnist.paths import MANIFEST, record_written, recorded, write_text
 
 LOCK = ".lock"
 # What --resume refuses to change: the model's identity, and what decides the data order.
 FROZEN_ON_RESUME = ("schedule", "model", "seed", "data.limit")
-# What --overwrite removes (the lock stays: it is held while removing)
-RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "config.yaml")
+# The names this tool gives what it writes in a run folder: a folder written before the manifest
+# existed adopts the files of these names (and only those) when it is resumed or overwritten.
+OWN_NAMES = re.compile(r"config\.yaml|events\.out\.tfevents\.[^/]+|checkpoints/(latest|step_[0-9]{9,})\.pt"
+                       r"|samples/[^/]+\.png")
+# A temporary file of `paths.temporary_name` that a killed writer left: `.name.PID.RANDOM.tmp`
+TEMPORARY = re.compile(r"(.*/)?\.(?P<name>[^/]+)\.[0-9]+\.[0-9a-f]{8}\.tmp")
 
 
 class RunFolder:
@@ -85,6 +93,8 @@ class RunFolder:
             )
         if overwrite:
             self._remove_outputs()
+        else:
+            self._keep_manifest()
         if not resume:
             return None
         found = self.resume_checkpoint()
@@ -119,18 +129,59 @@ class RunFolder:
             raise CheckpointError(f"no checkpoint in {self.checkpoints} loads; the newest says: {reasons[0]}")
         return None
 
-    def _remove_outputs(self) -> None:
+    def _keep_manifest(self) -> None:
+        """Start the manifest of a new folder, or adopt the tool's own files in a folder written before
+        there was one."""
+        if (self.path / MANIFEST).exists():
+            return
         try:
-            for name in RUN_OUTPUTS:
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-            for events in self.path.glob("events.out.tfevents.*"):
-                events.unlink()
+            adopted = self._own_files()
+            (self.path / MANIFEST).touch()
+            for name in sorted(adopted):
+                record_written(self.path / name)
+        except OSError as exc:
+            raise RunError(f"cannot write the run folder {self.path}: {exc.strerror or exc}") from None
+
+    def _own_files(self) -> set[str]:
+        """What the manifest lists; in a folder without one, the files of the tool's own names."""
+        if (self.path / MANIFEST).exists():
+            return recorded(self.path)
+        return {name for name in self._files() if OWN_NAMES.fullmatch(name)}
+
+    def _files(self) -> set[str]:
+        """Every file under the folder (but its lock and manifest), relative to it."""
+        return {path.relative_to(self.path).as_posix() for path in self.path.rglob("*")
+                if not path.is_dir() and path.name not in (LOCK, MANIFEST)}
+
+    def _remove_outputs(self) -> None:
+        """Delete what the manifest lists (and temporary files a killed writer left), once no other file is there."""
+        ours = self._own_files()
+        files = self._files()
+        foreign = sorted(name for name in files if name not in ours and not self._leftover(name, ours))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunError(
+                f"--overwrite: {self.path} holds {len(foreign)} file(s) ddpm-mnist did not write ({shown}); it "
+                "deletes only its own: move them away, or pick another name with --set name=NEW"
+            )
+        try:
+            for name in sorted(files, reverse=True):
+                (self.path / name).unlink()
+            for folder in sorted((p for p in self.path.rglob("*") if p.is_dir()), reverse=True):
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            (self.path / MANIFEST).write_text("", encoding="utf-8")
         except OSError as exc:
             raise RunError(f"cannot clear the run folder {self.path}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _leftover(name: str, ours: set[str]) -> bool:
+        """A temporary file of one of our files (or of a write probe), left by a killed writer."""
+        match = TEMPORARY.fullmatch(name)
+        if match is None:
+            return False
+        folder = match.group(1) or ""
+        return match["name"] == "probe" or f"{folder}{match['name']}" in ours
 
     def write_config(self, cfg: Config) -> None:
         """The resolved config as `<run>/config.yaml`."""

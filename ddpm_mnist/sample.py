@@ -271,19 +271,12 @@ def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: 
 
 
 def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: list[str] | None = None,
-                     device_name: str | None = None) -> Sampling:
-    """Load a checkpoint (safely), apply the sample-time options (typed, from flags) and `--set`
-    overrides (sample.*, runtime.* and seed only) to its config, and build the model (EMA or raw
-    weights per `sample.use_ema`) and the reverse sampler per the `sample` section."""
-    state = ckpt.load_checkpoint(ckpt_path)
-    stored = ckpt.checkpoint_config(state, ckpt_path)
-    for option in ("digits", "guidance"):
-        if cfg_options.get(option) is not None and not stored.model.num_classes:
-            flag = "--digit/--digits" if option == "digits" else "--guidance"
-            raise UserError(f"{flag}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
-                            "digits and guidance need one trained with model.num_classes: 10")
-    cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS)
-    cfg = with_sample_options(cfg, **cfg_options)
+                     device_name: str | None = None, *, contents: dict[str, Any] | None = None) -> Sampling:
+    """Load a checkpoint (safely; `contents` when the caller has loaded it), apply the sample-time
+    options and `--set` overrides to its config (`sampling_config`), and build the model (EMA or
+    raw weights per `sample.use_ema`) and the reverse sampler per the `sample` section."""
+    state = contents if contents is not None else ckpt.load_checkpoint(ckpt_path)
+    cfg = sampling_config(state, ckpt_path, cfg_options, overrides)
     s = cfg.sample
     runtime = setup_runtime(cfg.runtime, device_name)
     model = ckpt.load_model(state, cfg, ckpt_path, s.use_ema)
@@ -301,6 +294,28 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note)
 
 
+
+
+def sampling_config(state: dict[str, Any], ckpt_path: Path, cfg_options: dict[str, Any],
+                    overrides: list[str] | None) -> Config:
+    """The checkpoint's config with the typed sample-time options (flags) and `--set` overrides
+    (sample.*, runtime.* and seed only), checked; a setting that would be ignored is refused."""
+    stored = ckpt.checkpoint_config(state, ckpt_path)
+    given = {key: f"--{key.replace('_', '-')}" for key, value in cfg_options.items() if value is not None}
+    given["digits"] = "--digit/--digits" if "digits" in given else None
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        given[key.removeprefix("sample.")] = f"--set {key}"
+    for key in ("digits", "guidance"):
+        if given.get(key) and not stored.model.num_classes:
+            raise UserError(f"{given[key]}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
+                            "digits and guidance need one trained with model.num_classes: 10")
+    cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS)
+    cfg = with_sample_options(cfg, **cfg_options)
+    if given.get("eta") and cfg.sample.sampler != "ddim":
+        raise UserError(f"{given['eta']}: eta is DDIM's; the {cfg.sample.sampler} sampler has none "
+                        "(give --sampler ddim, or leave eta out)")
+    return cfg
 
 
 def conditioning(cfg: Config) -> str:

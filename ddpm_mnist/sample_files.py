@@ -16,7 +16,7 @@ import torch
 
 from ddpm_mnist.config import Config
 from ddpm_mnist.data import to_model_range
-from ddpm_mnist.errors import UserError
+from ddpm_mnist.errors import Stopped, UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
 from ddpm_mnist.sample import prepare_sampling
@@ -49,26 +49,24 @@ def sample_from_checkpoint(
     run = prepare_sampling(ckpt_path, options or {}, overrides, device_name)
     s = run.cfg.sample
     out = out or default_grid_path(ckpt_path, run.cfg)
-    check_paths({"--out": out, "--tensor": tensor_path, "--trajectory": trajectory,
-                 "--trajectory's strip": strip_path(trajectory) if trajectory else None},
-                inputs={"--ckpt": ckpt_path}, folders={"--images-dir": images_dir})
-    for path in (out, tensor_path, trajectory):
-        if path is not None:
-            ensure_writable(path)
-    if images_dir is not None:
-        ensure_writable(images_dir, folder=True)
+    check_outputs(ckpt_path, out, images_dir, tensor_path, trajectory)
     run.check_memory(s.n, s.batch_size, images_kept=s.n if tensor_path is not None else min(s.n, GRID_MAX))
     recorder = TrajectoryRecorder(run.reverse, min(TRAJECTORY_IMAGES, s.n)) if trajectory else None
     print(f"sampling {s.n} images: {run.note}")
     started = time.perf_counter()
-    grid, kept = [], []
+    grid, kept, done = [], [], 0
     on_step = recorder.on_step if recorder is not None else None
-    for first, batch in run.batches(s.n, run.cfg.seed, s.batch_size, on_step=on_step):
-        if images_dir is not None:
-            write_output(images_dir, save_each, batch, images_dir, first)
-        grid.append(batch[: max(0, GRID_MAX - first)])
-        if tensor_path is not None:
-            kept.append(batch)
+    try:
+        for first, batch in run.batches(s.n, run.cfg.seed, s.batch_size, on_step=on_step):
+            if images_dir is not None:
+                write_output(images_dir, save_each, batch, images_dir, first)
+            done = first + len(batch)
+            grid.append(batch[: max(0, GRID_MAX - first)])
+            if tensor_path is not None:
+                kept.append(batch)
+    except KeyboardInterrupt as interrupt:
+        written = f"the first {done:,} images are in {images_dir}; " if images_dir is not None and done else ""
+        raise Stopped.after(interrupt, f"{written}{out} was not written") from None
     elapsed = time.perf_counter() - started
     nrow = 10 if run.cfg.model.num_classes and not s.digits else None  # a column per digit, 0 to 9
     write_output(out, save_grid, to_model_range(torch.cat(grid)), out, nrow)
@@ -84,6 +82,19 @@ def sample_from_checkpoint(
     print(f"sampled {s.n} images in {elapsed:.1f} s ({rate:.0f} image-steps/s){shown}: "
           + ", ".join(str(p) for p in written))
     return out
+
+
+def check_outputs(ckpt_path: Path, out: Path, images_dir: Path | None, tensor_path: Path | None,
+                  trajectory: Path | None) -> None:
+    """Before sampling: no output is the checkpoint or another output, and each can be written."""
+    check_paths({"--out": out, "--tensor": tensor_path, "--trajectory": trajectory,
+                 "--trajectory's strip": strip_path(trajectory) if trajectory else None},
+                inputs={"--ckpt": ckpt_path}, folders={"--images-dir": images_dir})
+    for path in (out, tensor_path, trajectory):
+        if path is not None:
+            ensure_writable(path)
+    if images_dir is not None:
+        ensure_writable(images_dir, folder=True)
 
 
 def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:

@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ddpm_mnist.classifier import classify, load_classifier
-from ddpm_mnist.config import TIMESTEP_SPACINGS
-from ddpm_mnist.data import to_model_range
+from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.config import TIMESTEP_SPACINGS, Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.evaluate import classifier_metrics, floor_digits, real_digits
+from ddpm_mnist.evaluate import classifier_metrics, measure_floor, real_digits
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
-from ddpm_mnist.sample import Sampling, prepare_sampling
+from ddpm_mnist.sample import Sampling, prepare_sampling, sampling_config
 
 COLUMNS = ("fid_mnist", "confidence", "class_kl")
+MAX_SETTINGS = 64
 
 
 def parse_sweep(text: str) -> list[dict[str, Any]]:
@@ -37,7 +36,8 @@ def parse_sweep(text: str) -> list[dict[str, Any]]:
     settings = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1].strip().isdigit() or int(parts[1]) < 1:
+        if len(parts) not in (2, 3) or not parts[0] or not re.fullmatch(r"[0-9]+", parts[1].strip()) \
+                or int(parts[1]) < 1:
             raise UserError(f"--sweep {text}: each setting is sampler:steps or sampler:steps:spacing "
                             f"with steps >= 1 (e.g. dpmpp_2m:20:trailing), got {item.strip()!r}")
         setting: dict[str, Any] = {"sampler": parts[0], "steps": int(parts[1])}
@@ -84,13 +84,17 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
             ensure_writable(check_suffix(path, option, suffixes))
     check_paths({"--json": json_path, "--plot": plot_path}, inputs={"--ckpt": ckpt_path})
     options = options or {}
-    runs = [prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name) for setting in settings]
-    first = runs[0].cfg
+    if len(settings) > MAX_SETTINGS:
+        raise UserError(f"--sweep: {len(settings)} settings; a sweep compares at most {MAX_SETTINGS}")
+    contents = load_checkpoint(ckpt_path)
+    configs = [sampling_config(contents, ckpt_path, {**options, **setting}, overrides) for setting in settings]
+    check_distinct_settings(settings, configs)
+    first = configs[0]
     train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)
-    for run in runs:
-        run.check_memory(first.sample.n, first.sample.batch_size, images_kept=first.sample.n)
     floor, rows = measure_floor(train_images, test_images, first.sample.n, options.get("seed") or 0), []
-    for setting, run in zip(settings, runs, strict=True):
+    for setting in settings:  # one model at a time: a long sweep holds one setting's memory, not all of theirs
+        run = prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name, contents=contents)
+        run.check_memory(first.sample.n, first.sample.batch_size, images_kept=first.sample.n)
         rows.append(measure(run, setting, floor["reference"]))
         print(format_row(rows[-1]))
     report = {"n": first.sample.n, "seed": first.seed, "checkpoint": str(ckpt_path), "rows": rows,
@@ -109,12 +113,17 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
     return report
 
 
-def measure_floor(train_images: torch.Tensor, test_images: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
-    """The classifier, the test set's features, and the metrics of n real training digits."""
-    classifier = load_classifier()
-    reference, _ = classify(classifier, to_model_range(test_images))
-    real, _ = floor_digits(train_images, test_images, n, seed)  # the same floor as ddpm eval's
-    return {"reference": (classifier, reference), "metrics": classifier_metrics(classifier, real, reference)}
+def check_distinct_settings(settings: list[dict[str, Any]], configs: list[Config]) -> None:
+    """Refuse two settings that sample the same images (ddim:2 and ddim:2:leading, when leading is the default)."""
+    seen: dict[tuple, str] = {}
+    for setting, cfg in zip(settings, configs, strict=True):
+        s = cfg.sample
+        skips = cfg.reverse_steps < cfg.schedule.num_timesteps
+        key = (s.sampler, cfg.reverse_steps, s.timestep_spacing if skips else None,
+               s.guidance if cfg.model.num_classes else None)
+        if key in seen:
+            raise UserError(f"--sweep: {label(setting)} samples exactly what {seen[key]} does: give each once")
+        seen[key] = label(setting)
 
 
 def measure(run: Sampling, setting: dict[str, Any], reference: Any) -> dict[str, Any]:

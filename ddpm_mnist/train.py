@@ -23,12 +23,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm_mnist import checkpoint as ckpt
-from ddpm_mnist.config import Config
 from ddpm_mnist.device import Runtime, autocast, setup_runtime
 from ddpm_mnist.diffusion import training_losses
 from ddpm_mnist.distributed import (
     Dist,
-    Interrupted,
     StopFlag,
     check_replicas,
     check_resume_world_size,
@@ -37,6 +35,7 @@ from ddpm_mnist.distributed import (
     init_distributed,
     on_main,
 )
+from ddpm_mnist.errors import RunError, Stopped
 from ddpm_mnist.logger import Interval, TrainLogger
 from ddpm_mnist.runfolder import RunFolder
 from ddpm_mnist.trainstate import (
@@ -48,7 +47,8 @@ from ddpm_mnist.trainstate import (
     with_fixed_length,
 )
 
-if TYPE_CHECKING:  # names in annotations only: train_step's arguments, built by setup_training
+if TYPE_CHECKING:  # names in annotations only: the config, and train_step's arguments built by setup_training
+    from ddpm_mnist.config import Config
     from ddpm_mnist.data import EpochBatches
     from ddpm_mnist.schedule import NoiseSchedule
 
@@ -70,8 +70,8 @@ def train(
 
     Writes there: config.yaml, checkpoints/ (latest.pt and numbered ones) and the TensorBoard event
     file (and what the hooks write, such as samples/). Under torchrun, trains with
-    DistributedDataParallel (rank 0 writes and holds the folder's lock). Raises `Interrupted` after
-    saving when stopped by Ctrl-C or SIGTERM.
+    DistributedDataParallel (rank 0 writes and holds the folder's lock). Raises `Stopped` after
+    saving when stopped by Ctrl-C or SIGTERM (a second Ctrl-C stops at once, keeping the last checkpoint).
     """
     ddp = init_distributed(device_name or cfg.runtime.device)
     folder = RunFolder(cfg.run_dir)
@@ -80,6 +80,11 @@ def train(
                                 seed=cfg.seed, rank=ddp.rank)
         resume_from = open_run(folder, cfg, ddp, resume, overwrite)
         return run_steps(cfg, ddp, runtime, folder, resume_from, hooks or Hooks(), change_world_size)
+    except KeyboardInterrupt as interrupt:  # before the loop, or a second Ctrl-C within a step
+        latest = folder.checkpoints / ckpt.LATEST
+        kept = f"the run's last checkpoint, {latest}, is kept; continue with --resume" if latest.exists() else \
+            "no checkpoint was written"
+        raise Stopped.after(interrupt, kept) from None
     finally:
         folder.release()
         close(ddp)
@@ -88,7 +93,7 @@ def train(
 def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
               resume_from: tuple[Path, dict[str, Any]] | None, hooks: Hooks, change_world_size: bool) -> Path:
     """Set up, then step until train.steps: the loop of Algorithm 1 with its logs, previews and checkpoints."""
-    cfg = length_from_checkpoint(cfg, resume_from)
+    cfg = length_from_checkpoint(cfg, resume_from, ddp.is_main)
     training = cfg.train
     batches, schedule, total, state = setup_training(cfg, runtime, ddp.rank, ddp.world_size)
     if resume_from is not None:
@@ -137,20 +142,37 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
                 save(state, cfg, ddp, runtime, folder, batches.steps_per_epoch)
                 interval.started = time.perf_counter()
             if stop_now:
-                log.stopped(step, folder.checkpoints / ckpt.LATEST)
-                raise Interrupted(step)
+                log.stopped()
+                raise Stopped(f"saved {folder.checkpoints / ckpt.LATEST} at step {step:,}; continue with --resume",
+                              stop.terminated)
         preview(hooks, state, runtime, ddp, log, total)
         check_replicas(ddp, state.model)
         log.run_end(cfg, total, folder.checkpoints / ckpt.LATEST)
     return folder.path
 
 
-def length_from_checkpoint(cfg: Config, resume_from: tuple[Path, dict[str, Any]] | None) -> Config:
-    """A budgeted run resumed after its length was fixed keeps that length (from its checkpoint's config)."""
+def length_from_checkpoint(cfg: Config, resume_from: tuple[Path, dict[str, Any]] | None, say: bool) -> Config:
+    """A budgeted run resumed after its length was fixed keeps that length (from its checkpoint's
+    config); a budget other than the one that fixed it is said not to apply (when `say`). A run
+    trained by steps or epochs cannot take a budget on resume."""
     if not cfg.train.time_budget or resume_from is None:
         return cfg
-    stored = ckpt.checkpoint_config(resume_from[1], resume_from[0])
-    return with_fixed_length(cfg, stored.train.steps) if stored.train.steps else cfg
+    path, contents = resume_from
+    stored = ckpt.checkpoint_config(contents, path)
+    if not stored.train.steps:
+        return cfg  # stopped before its budget fixed the length: the budget measures anew
+    fixed_by = contents.get("time_budget")  # None: a checkpoint from before budgets were recorded
+    if fixed_by == "":
+        raise RunError(
+            f"--resume: this run trains by steps (train.steps: {stored.train.steps:,}), and a time budget "
+            f"({cfg.train.time_budget}) only applies to a run that starts with one: resume with "
+            "--set train.time_budget='' (and --set train.steps=N to train longer)"
+        )
+    if say and fixed_by is not None and fixed_by != cfg.train.time_budget:
+        print(f"note: --resume: this run's length was fixed at {stored.train.steps:,} steps by its time budget "
+              f"{fixed_by}; the budget {cfg.train.time_budget} given now does not apply "
+              "(to train longer, resume with --set train.steps=N)")
+    return with_fixed_length(cfg, stored.train.steps)
 
 
 def fix_length(cfg: Config, state: TrainState, steps: int, folder: RunFolder, ddp: Dist, log: TrainLogger) -> Config:

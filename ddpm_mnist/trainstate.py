@@ -37,6 +37,7 @@ class TrainState:
     generator: torch.Generator  # this process's timesteps and noise, step after step
     step: int = 0  # optimiser steps taken (the next step to run)
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (train.nan_policy: skip)
+    time_budget: str = ""  # the train.time_budget that fixes this run's length ("": trained by steps or epochs)
 
 
 def setup_training(
@@ -134,7 +135,8 @@ def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int
     optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr, betas=(0.9, 0.999),
                                   fused=runtime.device.type in ("cuda", "cpu"))
     generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, TRAIN_NOISE, rank))
-    return TrainState(model, ema, optimizer, make_lr_scheduler(optimizer, training, total_steps), generator)
+    return TrainState(model, ema, optimizer, make_lr_scheduler(optimizer, training, total_steps), generator,
+                      time_budget=training.time_budget)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
