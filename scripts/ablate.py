@@ -13,13 +13,18 @@ variant's (e.g. to compare against a config as it was before a change). Each (va
 `train.time_budget` (so every run gets the same minutes, whatever its step rate) and the training
 seed, then `ddpm eval` samples with the same seed. Both run as separate processes, one after the
 other: never run anything else that uses torch beside an ablation, or its step rates are wrong.
-A run whose eval JSON exists is not run again, so an interrupted ablation continues where it stopped.
+A finished run is reused, so an interrupted ablation continues where it stopped, but only when every
+setting that shapes its result is the same (the config file's contents, the overrides, the budget, the
+seed; and for its measurement the sampler, steps and n): `ablate.json` in each run folder records them,
+and the script says which runs it reuses. Every argument is checked before the first run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -28,44 +33,91 @@ from pathlib import Path
 
 import yaml
 
+from ddpm_mnist.config import duration_seconds
+from ddpm_mnist.errors import UserError
+from ddpm_mnist.paths import check_input_file, check_paths, check_suffix, ensure_writable
+
 METRICS = ("fid_mnist", "confidence", "class_kl")
+OWNED = ("name", "out_dir", "seed", "train.steps", "train.epochs", "train.time_budget")  # what ablate.py sets itself
+
+
+def fail(message: str) -> None:
+    """One line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """'name key=value key=value' -> (name, overrides)."""
     if not text.split():
-        raise SystemExit("error: --variant '': give a name, then key=value overrides")
+        fail("--variant '': give a name, then key=value overrides")
     name, *overrides = text.split()
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise SystemExit(f"error: --variant {text!r}: its first word names it (letters, digits, - and _)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        fail(f"--variant {text!r}: its first word names it (ASCII letters, digits, - and _, not first)")
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise SystemExit(f"error: --variant {text!r}: {bad[0]!r} is not key=value")
+        fail(f"--variant {text!r}: {bad[0]!r} is not key=value")
+    owned = [o for o in overrides if o.partition("=")[0].strip() in OWNED]
+    if owned:
+        fail(f"--variant {text!r}: {owned[0]!r}: ablate.py sets {', '.join(OWNED)} itself (--budget, --seeds, --runs)")
     return name, overrides
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1' -> [0, 1]: distinct whole numbers >= 0."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]{1,18}", item) for item in items) or len(set(items)) != len(items):
+        fail(f"--seeds {text!r}: give distinct whole numbers >= 0, separated by commas (e.g. 0,1)")
+    return [int(item) for item in items]
+
+
+def settings_of(args: argparse.Namespace, overrides: list[str], seed: int) -> dict:
+    """Everything that shapes a run's result: its training, then its measurement."""
+    config = hashlib.sha256(args.config.read_bytes()).hexdigest()
+    return {"train": {"config": str(args.config), "config_sha256": config, "budget": args.budget,
+                      "overrides": overrides, "seed": seed},
+            "eval": {"sampler": args.sampler, "steps": args.steps, "n": args.n, "seed": seed}}
+
+
 def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int) -> dict:
-    """Train (name, seed) for the budget, evaluate it; return its row. Reuses a finished run."""
+    """Train (name, seed) for the budget, evaluate it; return its row. Reuses what matches its settings."""
     run_name = f"{name}_s{seed}"
     run_dir = args.runs / run_name
-    result = run_dir / "eval.json"
-    if not result.exists():
+    result, record = run_dir / "eval.json", run_dir / "ablate.json"
+    wanted = settings_of(args, overrides, seed)
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    ddpm = [sys.executable, "-m", "ddpm_mnist"]  # this interpreter's package, whatever PATH holds
+    if done.get("train") != wanted["train"]:
         sets = [f"name={run_name}", f"out_dir={args.runs}", f"seed={seed}", "train.steps=0", "train.epochs=0",
                 f"train.time_budget={args.budget}", *overrides]
         started = time.perf_counter()
-        ddpm = [sys.executable, "-m", "ddpm_mnist"]  # this interpreter's package, whatever PATH holds
         train = [*ddpm, "train", "--config", str(args.config), "--overwrite"]
-        subprocess.run([*train, *(x for s in sets for x in ("--set", s))], check=True)
+        child([*train, *(x for s in sets for x in ("--set", s))], f"training {run_name}")
         (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-        subprocess.run([*ddpm, "eval", "--ckpt", str(run_dir / "checkpoints" / "latest.pt"), "--n", str(args.n),
-                        "--sampler", args.sampler, "--steps", str(args.steps), "--seed", str(seed),
-                        "--json", str(result)], check=True)
+        done = {"train": wanted["train"]}
+        record.write_text(json.dumps(done, indent=2) + "\n")
+    if done.get("eval") != wanted["eval"] or not result.is_file():
+        child([*ddpm, "eval", "--ckpt", str(run_dir / "checkpoints" / "latest.pt"), "--n", str(args.n),
+               "--sampler", args.sampler, "--steps", str(args.steps), "--seed", str(seed), "--json", str(result)],
+              f"measuring {run_name}")
+        record.write_text(json.dumps({**done, "eval": wanted["eval"]}, indent=2) + "\n")
+    else:
+        print(f"reusing {run_dir}: trained and measured with these same settings")
     report = json.loads(result.read_text())
     trained = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     return {"variant": name, "overrides": overrides, "seed": seed, "steps": trained["steps"],
             "batch_size": trained["batch_size"],
             "train_seconds": float((run_dir / "wall_seconds.txt").read_text()),
             **{m: report["samples"][m] for m in METRICS}, "floor_fid_mnist": report["floor"]["fid_mnist"]}
+
+
+def child(command: list[str], what: str) -> None:
+    """Run one ddpm command; its failure is one line here (it has said why above), Ctrl-C passes on."""
+    done = subprocess.run(command)
+    if done.returncode in (130, 143, -2, -15):
+        raise KeyboardInterrupt
+    if done.returncode != 0:
+        fail(f"{what} failed (exit code {done.returncode}; its message is above); finished runs are kept")
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -92,6 +144,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # type: ignore[method-assign]  # one line, as every other bad input
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--budget", required=True, help="train.time_budget of every run, e.g. 5m")
     parser.add_argument("--variant", action="append", required=True, help="'name key=value ...'")
@@ -106,8 +159,13 @@ def main() -> int:
     args = parser.parse_args()
     base = parse_variant(f"base {args.base}")[1]
     variants = [(name, [*base, *overrides]) for name, overrides in map(parse_variant, args.variant)]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rows = [run_one(args, name, overrides, seed) for name, overrides in variants for seed in seeds]
+    seeds = parse_seeds(args.seeds)
+    check_arguments(args)
+    try:
+        rows = [run_one(args, name, overrides, seed) for name, overrides in variants for seed in seeds]
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: finished runs are kept, and the next ablation reuses them", file=sys.stderr)
+        return 130
     print(table(rows))
     if args.table is not None:
         args.table.write_text(table(rows) + "\n")
@@ -118,6 +176,24 @@ def main() -> int:
                                         "summary": summary(rows)}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Before any training: the config is a file, the outputs can be written and are not the config."""
+    try:
+        check_input_file(args.config, "config")
+        for path, option, suffix in ((args.out, "--out", ".json"), (args.table, "--table", ".md")):
+            if path is not None:
+                ensure_writable(check_suffix(path, option, (suffix,)))
+        check_paths({"--out": args.out, "--table": args.table}, inputs={"--config": args.config})
+    except UserError as exc:
+        fail(str(exc))
+    try:
+        duration_seconds(args.budget)
+    except ValueError:
+        fail(f"--budget {args.budget!r}: give a duration from 1s to 1000h such as 90s, 5m or 1.5h")
+    if args.n < 2 or args.steps < 1:
+        fail(f"--n {args.n} --steps {args.steps}: a measurement needs n >= 2 and steps >= 1")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from ddpm_mnist.config import Config, load_config  # noqa: E402
 from ddpm_mnist.device import Runtime, autocast, cpu_has_native_bf16, setup_runtime  # noqa: E402
 from ddpm_mnist.diffusion import ReverseSampler, training_losses  # noqa: E402
 from ddpm_mnist.errors import UserError  # noqa: E402
-from ddpm_mnist.paths import ensure_writable  # noqa: E402
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text  # noqa: E402
 from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
 from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
 from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
@@ -340,8 +340,9 @@ def main() -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Measure, print the table, write the JSON; returns the exit code."""
-    if args.json:
-        ensure_writable(args.json)  # before minutes of measuring
+    if args.json:  # before minutes of measuring
+        ensure_writable(check_suffix(args.json, "--json", (".json",)))
+        check_paths({"--json": args.json}, inputs={"--config": Path(args.config)})
     cfg = load_config(args.config, args.sets)
     runtime = setup_runtime(cfg.runtime, args.device, seed=cfg.seed)
     device = runtime.device
@@ -402,7 +403,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"{key:<{width}}  {value}")
     text = json.dumps(report, indent=2)
     if args.json:
-        args.json.write_text(text + "\n")
+        write_text(args.json, text + "\n")
         print(f"wrote {args.json}")
     else:
         print(text)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import save_grid
-from ddpm_mnist.paths import check_suffix, ensure_writable
-from ddpm_mnist.sample import prepare_sampling
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
+from ddpm_mnist.sample import prepare_sampling, sampling_config
 from ddpm_mnist.sweep import parse_guidance
 
 
@@ -34,16 +35,24 @@ def main() -> int:
     args = parser.parse_args()
     try:
         ensure_writable(check_suffix(args.out, "--out", (".png",)))
+        check_paths({"--out": args.out}, inputs={"--ckpt": args.ckpt})
+        contents = load_checkpoint(args.ckpt)
+        options = [{"guidance": weight, "n": 10, "seed": args.seed, "sampler": args.sampler, "steps": args.steps}
+                   for weight in parse_guidance(args.guidance)]
+        for option in options:  # every weight is checked before the first row is sampled
+            sampling_config(contents, args.ckpt, option, None)
         rows = []
-        for weight in parse_guidance(args.guidance):
-            run = prepare_sampling(args.ckpt, {"guidance": weight, "n": 10, "seed": args.seed,
-                                               "sampler": args.sampler, "steps": args.steps})
-            rows.append(run.images(10, run.cfg.seed, 10, desc=f"W={weight:g}"))
-            print(f"W = {weight:g}: {run.note}")
+        for option in options:
+            run = prepare_sampling(args.ckpt, option, contents=contents)
+            rows.append(run.images(10, run.cfg.seed, 10, desc=f"W={option['guidance']:g}"))
+            print(f"W = {option['guidance']:g}: {run.note}")
         save_grid(to_model_range(torch.cat(rows)), args.out, nrow=10)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stopped by Ctrl-C: {args.out} was not written", file=sys.stderr)
+        return 130
     print(f"wrote {args.out}: one row per W ({args.guidance}), digits 0 to 9 across")
     return 0
 

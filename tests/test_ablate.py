@@ -56,6 +56,50 @@ def test_summary_averages_seeds_sorts_by_fid_and_shows_the_spread() -> None:
 
 
 @pytest.mark.parametrize("text", ["", "bad name x=1", "name train.lr"])
-def test_a_malformed_variant_is_one_line(text: str) -> None:
-    with pytest.raises(SystemExit, match="error: --variant"):
+def test_a_malformed_variant_is_one_line(text: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
         ablate.parse_variant(text)
+    assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: --variant")
+
+
+def test_a_result_is_reused_only_for_the_same_settings_and_says_so(tmp_path: Path) -> None:
+    done = ablation(tmp_path)
+    assert done.returncode == 0, done.stderr
+    again = ablation(tmp_path)
+    assert "reusing" in again.stdout and "plain_s0" in again.stdout
+    before = json.loads((tmp_path / "ablation.json").read_text())["rows"][0]
+    remeasured = ablation(tmp_path, "--n", "4")  # the same training, measured anew at another n
+    assert remeasured.returncode == 0, remeasured.stderr
+    assert "reusing" not in remeasured.stdout
+    report = json.loads((tmp_path / "runs" / "plain_s0" / "eval.json").read_text())
+    assert report["n"] == 4 and json.loads((tmp_path / "ablation.json").read_text())["n"] == 4
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["steps"] == before["steps"]  # not retrained
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--seeds", "a"], "--seeds 'a': give distinct whole numbers"),
+    (["--seeds", ""], "--seeds '': give distinct whole numbers"),
+    (["--variant", "_a x=1"], "its first word names it"),
+    (["--variant", "\u00e9 x=1"], "its first word names it"),
+    (["--variant", "other name=other"], "ablate.py sets name, out_dir, seed"),
+    (["--budget", "3x"], "--budget '3x': give a duration"),
+    (["--n", "x"], "argument --n: invalid int value"),
+    (["--table", "missing/dir/t.txt"], "--table missing/dir/t.txt: the file name must end in .md"),
+])
+def test_bad_ablation_arguments_are_one_line_before_any_training(tmp_path: Path, extra: list[str], says: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--config", str(SMOKE), "--budget", "3s",
+         "--runs", str(tmp_path / "runs"), "--variant", "plain", *extra],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_a_failing_run_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--config", str(SMOKE), "--budget", "3s",
+         "--runs", str(tmp_path / "runs"), "--variant", "bad train.lrr=1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("error: training bad_s0 failed (exit code 2; its message is "
+                                                    "above); finished runs are kept")

@@ -12,6 +12,7 @@ from helpers import smoke_run, weights
 
 from ddpm_mnist.checkpoint import checkpoint_config, load_checkpoint
 from ddpm_mnist.config import Config, TrainConfig, duration_seconds, load_config
+from ddpm_mnist.errors import RunError
 from ddpm_mnist.trainstate import StepBudget
 
 BUDGET = ["train.steps=0", "train.time_budget=6s", "train.lr_schedule=cosine", "train.warmup_steps=3",
@@ -118,3 +119,21 @@ def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, mo
     a, b = weights(straight), weights(halves)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_budget_on_resume_applies_or_says_why_not(smoke_cfg: Config, capsys, monkeypatch) -> None:
+    run = budget_run(smoke_cfg, "fixed", monkeypatch)
+    total = load_checkpoint(run / "checkpoints" / "latest.pt")["step"]
+    capsys.readouterr()
+    # another budget for a run whose length its first budget fixed: said in one line, the length kept
+    smoke_run(smoke_cfg, *BUDGET, "name=fixed", "train.time_budget=1h", resume=True)
+    out = capsys.readouterr().out
+    assert (f"note: --resume: this run's length was fixed at {total:,} steps by its time budget 6s; the budget 1h "
+            "given now does not apply") in out
+    assert "nothing to train" in out
+    # a run trained by steps cannot take a budget on resume: one line, not a length silently kept
+    smoke_run(smoke_cfg, "train.steps=4", "train.sample_every=0", "name=bysteps")
+    with pytest.raises(RunError, match=r"this run trains by steps \(train.steps: 4\), and a time budget \(1h\)"):
+        smoke_run(smoke_cfg, "train.steps=0", "train.time_budget=1h", "train.sample_every=0", "name=bysteps",
+                  resume=True)
+

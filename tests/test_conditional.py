@@ -161,6 +161,8 @@ def test_eval_of_a_conditional_model_reports_class_accuracy(conditional_run: Pat
 @pytest.mark.parametrize("args, says", [
     (["--digit", "12"], "--digit 12: each must be a digit 0 to 9"),
     (["--digits", "0,3,x"], "each must be a digit 0 to 9, got 'x'"),
+    (["--digits", "3,\u2466"], "each must be a digit 0 to 9, got '\u2466'"),  # str.isdigit() takes these
+    (["--digits", "\u00b2"], "each must be a digit 0 to 9, got '\u00b2'"),
     (["--digit", "3", "--digits", "4"], "--digit and --digits contradict"),
     (["--guidance", "-1"], "sample.guidance: must be >= 0"),
     (["--guidance", "nan"], "sample.guidance"),
@@ -173,7 +175,8 @@ def test_bad_conditional_options_get_one_line(conditional_run: Path, tmp_path: P
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("args", [["--digit", "7"], ["--digits", "1,2"], ["--guidance", "3"]])
+@pytest.mark.parametrize("args", [["--digit", "7"], ["--digits", "1,2"], ["--guidance", "3"],
+                                  ["--set", "sample.guidance=5"]])
 def test_digits_and_guidance_are_refused_for_an_unconditional_checkpoint(trained_run: Path, tmp_path: Path,
                                                                           capsys, args) -> None:
     code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt",
@@ -219,3 +222,8 @@ def test_the_guidance_strip_has_a_row_per_weight(conditional_run: Path, tmp_path
                           str(conditional_run / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "b.png"),
                           "--guidance", "1,-2"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "finite number >= 0" in bad.stderr and not (tmp_path / "b.png").exists()
+    late = subprocess.run([sys.executable, str(ROOT / "scripts" / "guidance_strip.py"), "--ckpt",
+                           str(conditional_run / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "c.png"),
+                           "--guidance", "0,101", "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert late.returncode == 2 and "sample.guidance: must be <= 100" in late.stderr, late.stderr
+    assert "W = 0" not in late.stdout and not (tmp_path / "c.png").exists()  # refused before the first row

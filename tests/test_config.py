@@ -159,3 +159,33 @@ def test_cli_config_prints_the_resolved_yaml(capsys) -> None:
     code, out, _ = run_cli(capsys, "config", "--set", "train.lr=0.5")
     assert code == 0
     assert config_from_dict(parse_yaml(out, "stdout"), "stdout").train.lr == 0.5
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["sample.clip_sample_range=1e39"], "sample.clip_sample_range: must be <= 1000"),
+    (["schedule.num_timesteps=1", "schedule.rescale_zero_terminal_snr=true", "model.prediction_type=v",
+      "sample.steps=0"], "needs schedule.num_timesteps >= 2"),
+    (["train.steps=0", "train.time_budget=" + "9" * 400 + "h"], "train.time_budget: must be a duration from 1s"),
+    (["train.steps=0", "train.time_budget=0.0000001s"], "train.time_budget: must be a duration from 1s"),
+])
+def test_values_that_would_overflow_or_give_nan_later_are_refused_at_load(sets: list[str], says: str, capsys) -> None:
+    args = ["config"]
+    for item in sets:
+        args += ["--set", item]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_length_on_the_command_line_replaces_the_files_and_says_so(capsys) -> None:
+    cpu = ROOT / "configs" / "cpu.yaml"  # trains for a time budget
+    code, out, err = run_cli(capsys, "config", "--config", cpu, "--set", "train.steps=3000")
+    assert code == 0, err
+    assert load_config(cpu, ["train.steps=3000"]).train.time_budget == ""
+    assert err.strip() == "note: --set train.steps=3000 replaces the config's train.time_budget: 20m"
+    assert "steps: 3000" in out and "time_budget: ''" in out  # stdout stays the YAML alone
+    smoke = ROOT / "configs" / "smoke.yaml"  # trains for 20 steps
+    replaced = load_config(smoke, ["train.time_budget=1m"])
+    assert (replaced.train.steps, replaced.train.time_budget) == (0, "1m")
+    code, _, err = run_cli(capsys, "config", "--config", smoke, "--set", "train.time_budget=1m",
+                           "--set", "train.steps=5")
+    assert code == 2 and "--set train.time_budget='' turns the budget off" in err

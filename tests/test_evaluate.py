@@ -161,6 +161,9 @@ def test_sweep_compares_settings_from_the_same_seeds(trained_run: Path, tmp_path
     (["--sweep", "ddim:5:sideways"], "the spacing must be one of leading, trailing, linspace"),
     (["--sweep", "ddim-5"], "each setting is sampler:steps"),
     (["--sweep", "ddim:5,ddim:5"], "a setting is given twice"),
+    (["--sweep", "ddim:2,ddim:2:leading"], "ddim:2:leading samples exactly what ddim:2 does"),
+    (["--sweep", "ddim:\u00b2"], "each setting is sampler:steps"),
+    (["--sweep", ",".join(f"ddim:{k}" for k in range(1, 66))], "65 settings; a sweep compares at most 64"),
     (["--sweep", "ddim:5", "--steps", "3"], "not --samples, --steps or --sampler"),
     (["--plot", "p.png"], "give --ckpt and --sweep"),
     (["--sweep", "ddim:5", "--plot", "p.jpg"], "--plot p.jpg: the file name must end in .png"),
@@ -171,3 +174,26 @@ def test_a_bad_sweep_is_one_line_before_any_sampling(trained_run: Path, tmp_path
     code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "8", *args)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == [] and "fid_mnist" not in out
+
+
+def test_a_sweep_holds_one_settings_model_at_a_time(trained_run: Path, monkeypatch, capsys) -> None:
+    """Every setting is checked first; then each is prepared, measured and dropped before the next."""
+    import ddpm_mnist.sweep as sweep_module
+
+    events: list[str] = []
+    prepare, measure = sweep_module.prepare_sampling, sweep_module.measure
+
+    def prepared(*args, **kwargs):
+        events.append("prepare")
+        return prepare(*args, **kwargs)
+
+    def measured(*args, **kwargs):
+        events.append("measure")
+        return measure(*args, **kwargs)
+    monkeypatch.setattr(sweep_module, "prepare_sampling", prepared)
+    monkeypatch.setattr(sweep_module, "measure", measured)
+    code, _, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "4",
+                           "--sweep", "ddim:2,ddim:3,ancestral:2", "--data", FIXTURE_ROOT)
+    assert code == 0, err
+    assert events == ["prepare", "measure"] * 3
+

@@ -350,3 +350,14 @@ def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
     assert samples._reverse.kind == sampler and samples._reverse.num_steps == 7
     again = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
     assert torch.equal(images, again)  # the same noise at every call
+
+
+@pytest.mark.parametrize("args", [["--eta", "0.5"], ["--sampler", "dpmpp_2m", "--eta", "1"],
+                                  ["--set", "sample.eta=0.3"]])
+def test_eta_is_refused_where_the_sampler_would_ignore_it(trained_run: Path, tmp_path: Path, capsys, args) -> None:
+    code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--steps", "4",
+                           "--out", tmp_path / "x.png", *args)
+    assert code == 2 and "eta is DDIM's" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--steps", "4",
+                           "--n", "2", "--out", tmp_path / "x.png", "--sampler", "ddim", "--eta", "0.5")
+    assert code == 0, err

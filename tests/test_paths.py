@@ -1,0 +1,158 @@
+"""paths and runfolder: an output never destroys an input or a file the tool did not write.
+
+Inputs must be regular files; outputs are compared with every input and with each other (by name
+and inode) before any work; `--overwrite` deletes only what the run folder's manifest lists; a
+numbered checkpoint is exactly `step_<9 digits>.pt`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
+from helpers import digest, one_line_error, smoke_run
+
+from ddpm_mnist.checkpoint import load_checkpoint, numbered_checkpoints
+from ddpm_mnist.config import Config
+from ddpm_mnist.errors import UserError
+from ddpm_mnist.paths import MANIFEST, check_paths, ensure_writable, recorded
+
+
+def latest(run: Path) -> Path:
+    return run / "checkpoints" / "latest.pt"
+
+
+@pytest.mark.slow
+def test_sample_never_writes_over_the_checkpoint_it_reads(trained_run: Path, tmp_path: Path, capsys) -> None:
+    numbered = trained_run / "checkpoints" / "step_000000020.pt"
+    before = digest(numbered)
+    for option in ("--tensor", "--out"):
+        target = numbered.with_suffix(".png") if option == "--out" else numbered
+        if option == "--out":  # latest.pt is a hard link to the newest numbered file: one inode, two names
+            target = tmp_path / "link.png"
+            os.link(numbered, target)
+        code, _, err = run_cli(capsys, "sample", "--ckpt", latest(trained_run), "--n", "2", "--steps", "2",
+                               option, target)
+        one_line_error(code, err, "that is the file --ckpt reads; an output never replaces an input")
+    assert digest(numbered) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["--out", "--tensor"])
+def test_an_images_dir_that_is_another_output_is_refused_before_sampling(trained_run: Path, tmp_path: Path, capsys,
+                                                                        option: str) -> None:
+    same = tmp_path / ("out.png" if option == "--out" else "all.pt")
+    args = ["--out", same] if option == "--out" else ["--out", tmp_path / "g.png", "--tensor", same]
+    code, _, err = run_cli(capsys, "sample", "--ckpt", latest(trained_run), "--n", "2", "--steps", "2",
+                           *args, "--images-dir", same)
+    one_line_error(code, err, f"{option} and --images-dir both write {same}")
+    assert not same.exists() and "sampling" not in capsys.readouterr().out
+
+
+def test_outputs_that_are_inputs_or_each_other_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("seed: 1\n")
+    with pytest.raises(UserError, match="that is the file --config reads"):
+        check_paths({"--json": tmp_path / "." / "cfg.yaml"}, inputs={"--config": config})
+    with pytest.raises(UserError, match="--a and --b both write"):
+        check_paths({"--a": tmp_path / "x.png", "--b": tmp_path / "sub" / ".." / "x.png"})
+    check_paths({"--a": tmp_path / "x.png"}, inputs={"--config": config, "--other": config})  # two reads are fine
+
+
+def test_bench_json_never_replaces_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    shutil.copyfile(SMOKE, config)
+    for json_path, says in ((config, "--json"), (tmp_path / "report.txt", "must end in .json")):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(config),
+                               "--json", str(json_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert config.read_text() == SMOKE.read_text()
+
+
+def test_unwritable_and_impossible_output_folders_fail_before_any_work(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match="symlink loop"):
+        ensure_writable(loop / "x.png")
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "missing")
+    with pytest.raises(UserError, match="is a symlink to .*missing, which is missing"):
+        ensure_writable(dangling / "x.png")
+    if Path("/proc/self").exists():  # root passes os.access there; creating a file does not
+        with pytest.raises(UserError, match="refuses new files"):
+            ensure_writable(Path("/proc/x.png"))
+
+
+def test_inputs_that_are_not_regular_files_are_refused_instead_of_blocking(tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for args, says in ((["sample", "--ckpt", fifo], "give a checkpoint file"),
+                       (["eval", "--samples", fifo], "give a samples file"),
+                       (["config", "--config", fifo], "give a config file"),
+                       (["config", "--config", "/dev/zero"], "not a regular file")):
+        code, _, err = run_cli(capsys, *args)
+        one_line_error(code, err, says)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 << 20) + "\n")
+    code, _, err = run_cli(capsys, "config", "--config", huge)
+    one_line_error(code, err, "a config is at most 1,048,576")
+
+
+def foreign_folder(tmp_path: Path) -> Path:
+    """A folder that looks like a run (config.yaml) and holds the user's own files."""
+    run = tmp_path / "x" / "p"
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "samples" / "mine.txt").write_text("m\n")
+    (run / "checkpoints" / "other.ckpt").write_text("o\n")
+    (run / "config.yaml").write_text("a: 1\n")
+    return run
+
+
+def test_overwrite_refuses_a_folder_holding_files_the_tool_did_not_write(tmp_path: Path, capsys) -> None:
+    run = foreign_folder(tmp_path)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, _, err = run_cli(capsys, "train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}",
+                           "--set", f"out_dir={tmp_path / 'x'}", "--set", "name=p", "--overwrite")
+    one_line_error(code, err, "holds 2 file(s) ddpm-mnist did not write (checkpoints/other.ckpt, samples/mine.txt)")
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if p.name != ".lock") == before
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_exactly_what_the_manifest_lists(smoke_cfg: Config, tmp_path: Path, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=10")
+    ours = recorded(run)
+    assert {"config.yaml", "checkpoints/latest.pt", "checkpoints/step_000000010.pt",
+            "samples/step_000000010.png"} <= ours and any(name.startswith("events.out") for name in ours)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", latest(run), "--n", "2", "--steps", "2")
+    assert code == 0, err  # its default grid goes to <run>/samples/ and is recorded too
+    smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
+    assert load_checkpoint(latest(run))["step"] == 4
+    assert not (run / "checkpoints" / "step_000000010.pt").exists() and not list((run / "samples").glob("ancestral*"))
+    (run / "samples" / "notes.txt").write_text("mine\n")  # now a file of the user's
+    with pytest.raises(UserError, match=r"did not write \(samples/notes.txt\)"):
+        smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
+    assert (run / "samples" / "notes.txt").exists() and (run / MANIFEST).exists()
+
+
+@pytest.mark.slow
+def test_a_users_step_best_checkpoint_is_never_taken_for_the_newest(smoke_cfg: Config, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=10", "train.checkpoint_every=5", "train.sample_every=0",
+                    "train.keep_checkpoints=2")
+    checkpoints = run / "checkpoints"
+    shutil.copyfile(checkpoints / "step_000000005.pt", checkpoints / "step_best.pt")
+    assert [p.name for p in numbered_checkpoints(checkpoints)] == ["step_000000010.pt", "step_000000005.pt"]
+    (checkpoints / "latest.pt").unlink()
+    smoke_run(smoke_cfg, "train.steps=15", "train.checkpoint_every=5", "train.sample_every=0",
+              "train.keep_checkpoints=2", resume=True)
+    assert "resuming from step_000000010.pt" in capsys.readouterr().out
+    # rotation kept the two newest real checkpoints and left the user's file alone
+    assert sorted(p.name for p in checkpoints.glob("step_*.pt")) == ["step_000000010.pt", "step_000000015.pt",
+                                                                    "step_best.pt"]
+    assert torch.load(checkpoints / "step_best.pt", weights_only=True)["step"] == 5
