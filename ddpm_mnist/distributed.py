@@ -8,6 +8,7 @@ request (Ctrl-C, SIGTERM) is one of those agreements: every rank stops at the sa
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import signal
@@ -137,8 +138,13 @@ def check_resume_world_size(saved: int, ddp: Dist, batch_size: int, images: int,
 
 
 def close(ddp: Dist) -> None:
-    """Leave the process group."""
+    """Leave the process group, together: a rank that tears down gloo while a peer still uses its
+    connections can abort ("terminate called without an active exception")."""
     if ddp.enabled and dist.is_initialized():
+        try:  # bounded: a peer that failed alone never arrives
+            dist.monitored_barrier(group=ddp.host_group, timeout=datetime.timedelta(seconds=30))
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 
