@@ -46,8 +46,10 @@ def resolved(path: Path) -> Path:
     """The absolute path with symlinks followed, or one UserError line (a symlink loop)."""
     try:
         return path.resolve()
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"cannot use {path}: {getattr(exc, 'strerror', None) or exc} (a symlink loop?)") from None
+    except RuntimeError:  # Python 3.11 and 3.12 raise this for a loop, 3.13 an OSError
+        raise UserError(f"cannot use {path}: it passes through a symlink loop") from None
+    except OSError as exc:
+        raise UserError(f"cannot use {path}: {exc.strerror or exc}") from None
 
 
 def ensure_writable(path: Path, *, folder: bool = False) -> Path:
