@@ -26,9 +26,10 @@ import torch
 
 import ddpm_mnist
 from ddpm_mnist import checkpoint_checks as checks
+from ddpm_mnist import diffusers_format
 from ddpm_mnist.config import Config, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError
-from ddpm_mnist.paths import atomic_file, fsync_folder, record_written, temporary_name
+from ddpm_mnist.paths import atomic_file, check_input_file, fsync_folder, record_written, temporary_name
 from ddpm_mnist.trainstate import TrainState, parameter_groups
 from ddpm_mnist.unet import UNet
 
@@ -101,8 +102,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     naming the field.
     """
     path = Path(path)
+    if path.is_dir() and (path / "unet" / "config.json").is_file():
+        contents = weights_contents(*diffusers_format.read_folder(path))
+        return _checked({**contents, "source": f"the weights of the diffusers folder {path}"}, path)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give a checkpoint file such as {path / 'checkpoints' / LATEST}")
+        raise CheckpointError(f"{path}: is a folder; give a checkpoint file such as {path / 'checkpoints' / LATEST}, "
+                              "or a diffusers DDPMPipeline folder")
+    if path.suffix == ".safetensors":
+        check_input_file(path, "weights")
+        return _checked(weights_contents(*diffusers_format.read_weights_file(path)), path)
     data = checks.read_verified(path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -121,12 +129,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: checkpoint format version {_short(version)}; this ddpm-mnist reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    return _checked(state, path)
+
+
+def _checked(state: dict[str, Any], path: Path) -> dict[str, Any]:
     _check_fields(state, path)
     try:
         _check_contents(state, checkpoint_config(state, path))
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return state
+
+
+def weights_contents(cfg: Config, weights: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+    """Checkpoint contents for weights without a training state (an exported file or folder): they
+    sample and evaluate like a checkpoint, and cannot resume."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step,
+            "model": weights, "ema": weights, "weights_only": True}
 
 
 def _check_contents(state: dict[str, Any], cfg: Config) -> None:

@@ -105,7 +105,8 @@ def train(
 
 @app.command()
 def sample(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file, e.g. runs/cpu/checkpoints/latest.pt."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (e.g. runs/cpu/checkpoints/latest.pt), an "
+                              "exported .safetensors file, or a diffusers DDPMPipeline folder."),
     n: int = typer.Option(None, "--n", help="Number of images [default: sample.n, 64]."),
     steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
     seed: int = typer.Option(None, "--seed", help="Seed [default: the run's seed]."),
@@ -145,7 +146,8 @@ def sample(
 
 @app.command("eval")
 def eval_(
-    ckpt: Path = typer.Option(None, "--ckpt", help="Checkpoint to sample from, then measure."),
+    ckpt: Path = typer.Option(None, "--ckpt", help="Checkpoint (or exported weights file, or diffusers folder) to "
+                              "sample from, then measure."),
     samples: Path = typer.Option(None, "--samples", help="Measure a .pt or .npz file written by ddpm sample --tensor."),
     n: int = typer.Option(None, "--n", help="Number of images [default: sample.n of the checkpoint]."),
     steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
@@ -171,30 +173,31 @@ def eval_(
     ),
 ) -> None:
     """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
-    from ddpm_mnist.sweep import parse_guidance, parse_sweep
+    from ddpm_mnist.sweep import evaluate_or_sweep
 
-    weights = parse_guidance(guidance) if guidance is not None else []
-    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size,
-               "guidance": weights[0] if len(weights) == 1 else None}
-    if sweep is not None or plot is not None or len(weights) > 1:
-        from ddpm_mnist.sweep import sweep as run_sweep
+    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size}
+    evaluate_or_sweep(ckpt, samples, sweep_text=sweep, guidance_text=guidance, plot_path=plot, options=options,
+                      device_name=device, data_root=data, json_path=json_path, overrides=set_)
 
-        if ckpt is None or samples is not None or (sweep is not None and (steps is not None or sampler is not None)):
-            raise UserError("--sweep, --plot and several --guidance weights sample from --ckpt; with --sweep each "
-                            "setting has its own sampler and steps: give --ckpt, not --samples, --steps or --sampler")
-        if sweep is None and len(weights) < 2:
-            raise UserError("--plot draws a sweep: give --ckpt and --sweep sampler:steps,... (or several --guidance "
-                            "weights)")
-        settings = parse_sweep(sweep) if sweep is not None else [{}]
-        if len(weights) > 1:
-            settings = [{**setting, "guidance": w} for setting in settings for w in weights]
-        run_sweep(ckpt, settings, options=options, device_name=device, data_root=data,
-                  json_path=json_path, plot_path=plot, overrides=set_)
-        return
-    from ddpm_mnist.evaluate import evaluate
 
-    evaluate(ckpt, samples, options=options, device_name=device, data_root=data, json_path=json_path,
-             overrides=set_)
+@app.command()
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file, e.g. runs/cpu/checkpoints/latest.pt."),
+    out: Path = typer.Option(..., "--out", help="A folder (diffusers) or a .safetensors file (--format safetensors)."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers (a DDPMPipeline folder) or safetensors (one "
+                            "weights file with the config in its metadata)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier export at --out."),
+) -> None:
+    """Export a checkpoint for diffusers (DDPMPipeline.from_pretrained) or as a safetensors weights file."""
+    import time
+
+    from ddpm_mnist.export import describe
+    from ddpm_mnist.export import export as run_export
+
+    started = time.perf_counter()
+    files = run_export(ckpt, out, fmt=fmt, use_ema=ema, overwrite=overwrite)
+    typer.echo(describe(files, started))
 
 
 def _digits(digit: int | None, digits: str | None) -> list[int] | None:

@@ -284,8 +284,8 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
     static = s.cuda_graph and runtime.device.type == "cuda"
     which = "EMA" if s.use_ema else "raw"
     spacing = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
-    note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {which} weights of step "
-            f"{state['step']:,}, "
+    weights = state.get("source") or f"{which} weights of step {state['step']:,}"
+    note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {weights}, "
             f"{runtime.device}, {runtime.precision_note}" + (", CUDA graph" if static else "")
             + (", compiled" if s.compile else "") + conditioning(cfg))
     model = model.to(runtime.device)

@@ -23,7 +23,7 @@ from typing import Any
 from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.config import TIMESTEP_SPACINGS, Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.evaluate import classifier_metrics, measure_floor, real_digits
+from ddpm_mnist.evaluate import classifier_metrics, evaluate, measure_floor, real_digits
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
 from ddpm_mnist.sample import Sampling, prepare_sampling, sampling_config
 
@@ -73,6 +73,30 @@ def label(setting: dict[str, Any]) -> str:
                        if v)
     weight = f"W={setting['guidance']:g}" if "guidance" in setting else ""
     return " ".join(part for part in (sampler, weight) if part)
+
+
+def evaluate_or_sweep(ckpt_path: Path | None, samples_path: Path | None, *, sweep_text: str | None,
+                      guidance_text: str | None, plot_path: Path | None, options: dict[str, Any],
+                      device_name: str | None, data_root: str | None, json_path: Path | None,
+                      overrides: list[str] | None) -> dict[str, Any]:
+    """`ddpm eval`: one evaluation, or a sweep when --sweep, --plot or several --guidance weights ask for one."""
+    weights = parse_guidance(guidance_text) if guidance_text is not None else []
+    options = {**options, "guidance": weights[0] if len(weights) == 1 else None}
+    if sweep_text is None and plot_path is None and len(weights) < 2:
+        return evaluate(ckpt_path, samples_path, options=options, device_name=device_name, data_root=data_root,
+                        json_path=json_path, overrides=overrides)
+    own_sampler = sweep_text is not None and (options.get("steps") is not None or options.get("sampler") is not None)
+    if ckpt_path is None or samples_path is not None or own_sampler:
+        raise UserError("--sweep, --plot and several --guidance weights sample from --ckpt; with --sweep each "
+                        "setting has its own sampler and steps: give --ckpt, not --samples, --steps or --sampler")
+    if sweep_text is None and len(weights) < 2:
+        raise UserError("--plot draws a sweep: give --ckpt and --sweep sampler:steps,... (or several --guidance "
+                        "weights)")
+    settings = parse_sweep(sweep_text) if sweep_text is not None else [{}]
+    if len(weights) > 1:
+        settings = [{**setting, "guidance": w} for setting in settings for w in weights]
+    return sweep(ckpt_path, settings, options=options, device_name=device_name, data_root=data_root,
+                 json_path=json_path, plot_path=plot_path, overrides=overrides)
 
 
 def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
