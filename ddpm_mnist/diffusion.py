@@ -207,13 +207,26 @@ class ReverseSampler:
         if sampler == "ancestral":  # sigma_t^2 = beta-tilde_t (fixed_small) or beta_t (fixed_large), Sec. 3.2
             variance = s.posterior_variance if variance_type == "fixed_small" else s.betas
             self.sigmas = variance.double().sqrt()
-        else:  # Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
-            self.sigmas = eta * s.posterior_variance.double().sqrt()
-            # Eq. (12): the coefficient of eps_hat, the "direction pointing to x_t"
-            self.direction = (1 - s.alphas_cumprod_prev.double() - self.sigmas**2).clamp(min=0).sqrt().float()
+        else:
+            self._ddim_coefficients(schedule, timesteps, eta)
         self.sigmas[0] = 0.0  # the last step (k = 0, t -> x_0) adds no noise
         self.sigmas = self.sigmas.float()
         self.needs_noise = (self.sigmas > 0).tolist()[::-1]  # in step order, read back once
+
+    def _ddim_coefficients(self, schedule: NoiseSchedule, timesteps: list[int], eta: float) -> None:
+        """DDIM's sigma and direction tables (index k, ascending), from float64 alpha-bars.
+
+        Near t = 0, 1 - abar_{t-1} is about 1e-5: taken from a float32 alpha-bar it would keep two
+        digits, and sqrt(1 - abar_{t-1} - sigma_t^2) at eta = 1, a difference of two such numbers, none.
+        """
+        abar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)[torch.tensor(timesteps[::-1])]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        # Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
+        self.sigmas = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
+        # Eq. (12): the coefficient of eps_hat, the "direction pointing to x_t"
+        direction = (1 - abar_prev - self.sigmas**2).clamp(min=0).sqrt()
+        self.direction = direction.float().to(self.timesteps.device)
+        self.sigmas = self.sigmas.to(self.timesteps.device)
 
     def _dpm_solver_coefficients(self, schedule: NoiseSchedule, timesteps: list[int]) -> None:
         """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, as float32 tables in step order, from float64.
