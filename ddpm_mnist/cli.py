@@ -107,29 +107,29 @@ def train(
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (e.g. runs/cpu/checkpoints/latest.pt), an "
                               "exported .safetensors file, or a diffusers DDPMPipeline folder."),
-    n: int = typer.Option(None, "--n", help="Number of images [default: sample.n, 64]."),
-    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
-    seed: int = typer.Option(None, "--seed", help="Seed [default: the run's seed]."),
+    n: int = typer.Option(None, "--n", help="Number of images (default: sample.n, 64)."),
+    steps: int = typer.Option(None, "--steps", help="Reverse steps (default: sample.steps; 0 = the full loop of T)."),
+    seed: int = typer.Option(None, "--seed", help="Seed (default: the run's seed)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass; does not change the images."),
     sampler: str = typer.Option(
-        None, "--sampler", help="ancestral (Ho et al.), ddim, or dpmpp_2m (give --steps, e.g. 20) [default: ancestral]."
+        None, "--sampler", help="ancestral (Ho et al.), ddim, or dpmpp_2m (give --steps, e.g. 20) (default: ancestral)."
     ),
-    eta: float = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic [default: 0]."),
+    eta: float = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic (default: 0)."),
     ema: bool = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: runtime.device)."),
     out: Path = typer.Option(
-        None, "--out", help="Grid PNG [default: <run>/samples/<sampler><steps>_seed<s>_n<n>.png]."
+        None, "--out", help="Grid PNG (default: <run>/samples/<sampler><steps>_seed<s>_n<n>.png)."
     ),
     images_dir: Path = typer.Option(None, "--images-dir", help="Also write each image as a PNG in this folder."),
     tensor: Path = typer.Option(None, "--tensor", help="Also write all images to one .pt or .npz file (uint8)."),
     trajectory: Path = typer.Option(None, "--trajectory", help="Also write a GIF of the denoising (and a strip PNG)."),
     digit: int = typer.Option(None, "--digit", help="Conditional models: draw only this digit (0-9)."),
     digits: str = typer.Option(
-        None, "--digits", help="Conditional models: draw these digits in turn, e.g. 0,3,8 [default: 0 to 9]."
+        None, "--digits", help="Conditional models: draw these digits in turn, e.g. 0,3,8 (default: 0 to 9)."
     ),
     guidance: float = typer.Option(
         None, "--guidance", help="Conditional models: guidance weight W (1: plain conditional, 0: unconditional) "
-        "[default: sample.guidance]."
+        "(default: sample.guidance)."
     ),
     set_: list[str] = typer.Option(
         None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
@@ -149,13 +149,13 @@ def eval_(
     ckpt: Path = typer.Option(None, "--ckpt", help="Checkpoint (or exported weights file, or diffusers folder) to "
                               "sample from, then measure."),
     samples: Path = typer.Option(None, "--samples", help="Measure a .pt or .npz file written by ddpm sample --tensor."),
-    n: int = typer.Option(None, "--n", help="Number of images [default: sample.n of the checkpoint]."),
-    steps: int = typer.Option(None, "--steps", help="Reverse steps [default: sample.steps; 0 = the full loop of T]."),
-    sampler: str = typer.Option(None, "--sampler", help="ancestral, ddim or dpmpp_2m [default: ancestral]."),
-    seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor [default: the run's]."),
+    n: int = typer.Option(None, "--n", help="Number of images (default: sample.n of the checkpoint)."),
+    steps: int = typer.Option(None, "--steps", help="Reverse steps (default: sample.steps; 0 = the full loop of T)."),
+    sampler: str = typer.Option(None, "--sampler", help="ancestral, ddim or dpmpp_2m (default: ancestral)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor (default: the run's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ [default: data.root of the run]."),
+    data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ (default: data.root of the run)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON."),
     sweep: str = typer.Option(
         None, "--sweep", help="Compare settings from the same seeds, e.g. ancestral:1000,ddim:50,dpmpp_2m:20 "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -361,3 +362,12 @@ def test_eta_is_refused_where_the_sampler_would_ignore_it(trained_run: Path, tmp
     code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--steps", "4",
                            "--n", "2", "--out", tmp_path / "x.png", "--sampler", "ddim", "--eta", "0.5")
     assert code == 0, err
+
+
+def test_sample_help_shows_each_default(capsys, monkeypatch) -> None:
+    """Rich reads "[default: ...]" as markup and drops it, which once left "Number of images ."."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(capsys, "sample", "--help")
+    assert code == 0
+    assert "Number of images (default: sample.n, 64)" in out and "Reverse steps (default: sample.steps" in out
+    assert not re.search(r"\w \.(\s|$)", out), out  # a word, a space, a full stop: a default was dropped
