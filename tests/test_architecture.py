@@ -1,4 +1,4 @@
-"""The house rules of issue 13, checked on the code itself so that they cannot quietly erode.
+"""The house rules of the layout, checked on the code itself so that they cannot quietly erode.
 
 Training sits below sampling and evaluation (train.py imports none of them), no module leans on
 more than 8 others at run time, and every function fits on a screen.

@@ -1,5 +1,5 @@
 """Class-conditional models: "no class" dropout, classifier-free guidance, digits on request, and
-the checks around them (issue 15)."""
+the checks around them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's guarantees, tried as a hostile user would (issue 12): each test names its item.
+"""The README's guarantees, tried as a hostile user would: each test names its item.
 
 No lost runs (resume, the run folder's lock, full disks, partial files), no hangs (alias bombs,
 huge --n), no silent garbage (NaN weights, sample-time overrides, duplicate keys, damaged MNIST,

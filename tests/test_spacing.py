@@ -1,4 +1,4 @@
-"""Timestep spacings (issue 14): which timesteps a run of fewer than T steps visits, against diffusers.
+"""Timestep spacings: which timesteps a run of fewer than T steps visits, against diffusers.
 
 Random schedules (all four kinds, random beta ranges, T in {50, 100, 1000}), every prediction type,
 step counts that do and do not divide T, with and without clipping: the timesteps, and whole loops
