@@ -110,7 +110,7 @@ def strip_path(trajectory: Path) -> Path:
 class TrajectoryRecorder:
     """Keeps x_t and x0_hat of the first `count` images at the steps shown in the GIF and strip.
 
-    `reverse` is the `ReverseSampler` being run (its `timesteps` and `predict_x0`).
+    `reverse` is the `samplers.Sampler` being run (its `timesteps` and `predict_x0`).
     """
 
     def __init__(self, reverse: Any, count: int) -> None:

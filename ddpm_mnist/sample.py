@@ -7,6 +7,7 @@ on the other images in its batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, apply_overrides, with_sample_options
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
-from ddpm_mnist.diffusion import ReverseSampler
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
+from ddpm_mnist.samplers import Sampler, Step, sampler_for
 from ddpm_mnist.schedule import make_schedule
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -61,10 +62,19 @@ class NoiseSource:
         return z
 
 
+def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the reverse process, the body of every loop: the model's output at (x_t, t_i),
+    then the sampler's x at step i + 1. Returns (x_next, model_output)."""
+    t = sampler.timesteps[i].expand(x.shape[0])  # (B,): i may be a device tensor (graph replay)
+    output = model(x, t).float()
+    return sampler.step(i, output, x, z), output  # float32: autocast leaves elementwise ops alone
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    sampler: ReverseSampler,
+    sampler: Sampler,
     noise: NoiseSource,
     runtime: Runtime,
     *,
@@ -74,29 +84,28 @@ def generate(
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 for one batch: float32 (B, 1, 28, 28) in [-1, 1].
 
-    `on_step(i, t, x_t, model_output)` is called before each step (for trajectories);
-    `progress(1)` after each step (a tqdm bar's update). `static=True` runs every step on fixed
-    buffers through `StaticStep`, which on CUDA replays one captured CUDA graph per step; the
+    The one loop over the steps. `on_step(i, t, x_t, model_output)` sees each step (for
+    trajectories); `progress(1)` follows each (a tqdm bar's update). `static=True` runs the steps
+    on fixed buffers (`FixedBuffers`), which on CUDA replays one captured CUDA graph per step; the
     images are the same as without it, up to float rounding. Raises UserError when the result is
     not finite (a model with overflowing outputs), rather than returning black images.
     """
     x = noise.initial()
-    if static and on_step is None:
-        x = StaticStep(model, sampler, x, runtime).run(noise, progress)
-    else:
-        batch = x.shape[0]
-        previous = torch.zeros_like(x) if sampler.multistep else None  # a multistep sampler's last x0_hat
-        # one autocast context for the whole loop: the weights are cast to bf16 once, not every step
-        with autocast(runtime):
-            for i in range(sampler.num_steps):
-                t = sampler.timesteps[i].expand(batch)  # (B,)
-                output = model(x, t).float()
+    sampler.start(x)
+    fixed = FixedBuffers(model, sampler, x, runtime) if static and on_step is None else None
+    # eager: one autocast context for the whole loop, so the weights are cast to bf16 once
+    with autocast(runtime) if fixed is None else contextlib.nullcontext():
+        for i in range(sampler.num_steps):
+            z = noise.next() if sampler.needs_noise[i] else None
+            if fixed is not None:
+                x = fixed.step(i, z)
+            else:
+                x_next, output = reverse_step(model, sampler, i, x, z)
                 if on_step is not None:
                     on_step(i, sampler.timesteps[i], x, output)
-                z = noise.next() if sampler.needs_noise[i] else None
-                x = sampler.step_index(i, output, x, z, previous)  # float32: autocast leaves elementwise ops alone
-                if progress is not None:
-                    progress(1)
+                x = x_next
+            if progress is not None:
+                progress(1)
     if not bool(torch.isfinite(x).all()):
         raise UserError(
             f"sampling produced NaN or infinite values in {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of "
@@ -146,34 +155,32 @@ def for_images(model: nn.Module, cfg: Config, indices: Sequence[int], device: to
     return Guided(model, digit_labels(digits, indices, device), cfg.sample.guidance, cfg.model.num_classes)
 
 
-class StaticStep:
-    """One reverse step on fixed buffers (x, z and the step index i), so that on CUDA it is captured
+class FixedBuffers:
+    """`reverse_step` on fixed buffers (x, z and the step index i), so that on CUDA it is captured
     once as a CUDA graph and replayed for every step.
 
     The reverse loop of a small U-Net is launch-bound on a GPU: about a hundred small kernels per
     step, a thousand steps. Replaying a graph launches them all at once. Only the inputs change
     between steps, and they are copied into the buffers: i (which picks t and the coefficients on
     the device), and z, drawn outside the graph by the per-image generators, so seeded runs stay
-    reproducible. Elsewhere the same `_step` runs eagerly (this is what the CPU tests exercise).
+    reproducible; a multistep sampler's state is its own fixed buffer. Elsewhere the same body
+    runs eagerly (this is what the CPU tests exercise).
     """
 
-    def __init__(self, model: nn.Module, sampler: ReverseSampler, x_T: torch.Tensor, runtime: Runtime):
+    def __init__(self, model: nn.Module, sampler: Sampler, x_T: torch.Tensor, runtime: Runtime):
         self.model, self.sampler, self.runtime = model, sampler, runtime
         self.x = x_T.clone()
         self.z = torch.zeros_like(x_T)
-        self.previous = torch.zeros_like(x_T)  # a multistep sampler's last x0_hat, updated in place
         self.i = torch.zeros(1, dtype=torch.long, device=x_T.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         if x_T.device.type == "cuda":
             self._capture()
 
-    def _step(self) -> None:
-        t = self.sampler.timesteps[self.i].expand(self.x.shape[0])  # (B,), picked on the device
+    def _body(self) -> None:
         with autocast(self.runtime, cache_enabled=False):  # no autocast cache inside a graph
-            output = self.model(self.x, t).float()
-        # sigma_i * z with z = 0 where the step adds no noise: x + 0 is exact
-        previous = self.previous if self.sampler.multistep else None
-        self.x.copy_(self.sampler.step_index(self.i, output, self.x, self.z, previous))
+            # sigma_i * z with z = 0 where the step adds no noise: x + 0 is exact
+            x_next, _ = reverse_step(self.model, self.sampler, self.i, self.x, self.z)
+        self.x.copy_(x_next)
 
     def _capture(self) -> None:
         x_T = self.x.clone()
@@ -181,28 +188,25 @@ class StaticStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocator, cuDNN choices) outside the graph
             for _ in range(3):
-                self._step()
+                self._body()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._step()
+            self._body()
         self.x.copy_(x_T)  # the warm-up and capture ran steps: start again from x_T
-        self.previous.zero_()
+        self.sampler.start(self.x)  # in place: the graph keeps the state's address
 
-    def run(self, noise: NoiseSource, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """All steps from x_T: (B, 1, 28, 28), unclamped."""
-        for i in range(self.sampler.num_steps):
-            self.i.fill_(i)
-            if self.sampler.needs_noise[i]:
-                self.z.copy_(noise.next())
-            else:
-                self.z.zero_()
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
-            if progress is not None:
-                progress(1)
+    def step(self, i: int, z: torch.Tensor | None) -> torch.Tensor:
+        """Run step i (z: its noise, or None); returns a copy of x after it."""
+        self.i.fill_(i)
+        if z is not None:
+            self.z.copy_(z)
+        else:
+            self.z.zero_()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
         return self.x.clone()
 
 
@@ -213,7 +217,7 @@ class Sampling:
     cfg: Config
     step: int
     model: nn.Module
-    reverse: ReverseSampler
+    reverse: Sampler
     runtime: Runtime
     static: bool  # run the steps on fixed buffers (CUDA graphs on CUDA)
     note: str  # one line: what is sampled, how, where
@@ -328,11 +332,7 @@ def conditioning(cfg: Config) -> str:
     return f", {which}, guidance {cfg.sample.guidance:g}"
 
 
-def reverse_sampler(cfg: Config, device: torch.device) -> ReverseSampler:
+def reverse_sampler(cfg: Config, device: torch.device) -> Sampler:
     """The reverse sampler the config's `sample` section describes, for its schedule and prediction type."""
-    s = cfg.sample
-    return ReverseSampler(
-        make_schedule(cfg.schedule).to(device), cfg.reverse_steps, sampler=s.sampler,
-        prediction_type=cfg.model.prediction_type, variance_type=s.variance_type, clip_sample=s.clip_sample,
-        clip_sample_range=s.clip_sample_range, eta=s.eta, timestep_spacing=s.timestep_spacing, device=device,
-    )
+    return sampler_for(cfg.sample, make_schedule(cfg.schedule).to(device), cfg.reverse_steps,
+                       cfg.model.prediction_type, device)

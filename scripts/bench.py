@@ -45,11 +45,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ddpm_mnist.config import Config, load_config  # noqa: E402
 from ddpm_mnist.device import Runtime, autocast, cpu_has_native_bf16, setup_runtime  # noqa: E402
-from ddpm_mnist.diffusion import ReverseSampler, training_losses  # noqa: E402
+from ddpm_mnist.diffusion import training_losses  # noqa: E402
 from ddpm_mnist.errors import UserError  # noqa: E402
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text  # noqa: E402
 from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
 from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
+from ddpm_mnist.samplers import Sampler, make_sampler  # noqa: E402
 from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.train import train_step  # noqa: E402
 from ddpm_mnist.trainstate import TrainState, setup_training  # noqa: E402
@@ -220,7 +221,7 @@ def bench_training(training: Training, steps: int, rounds: int, data_root: str) 
 def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> dict[str, Any]:
     runtime, model = training.runtime, training.state.ema.module.eval()
     device, prediction_type = runtime.device, training.cfg.model.prediction_type
-    reverse = ReverseSampler(training.schedule, steps, prediction_type=prediction_type, device=device)
+    reverse = make_sampler("ancestral", training.schedule, steps, prediction_type=prediction_type, device=device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
 
@@ -230,11 +231,11 @@ def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> d
             for _ in range(steps):
                 model(x, t)
 
-    def reverse_loop(sampler: ReverseSampler = reverse, static: bool = False) -> None:
+    def reverse_loop(sampler: Sampler = reverse, static: bool = False) -> None:
         generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), runtime, static=static)
 
     # warm up with a 10-step loop rather than a whole one
-    warm_up = ReverseSampler(training.schedule, 10, prediction_type=prediction_type, device=device)
+    warm_up = make_sampler("ancestral", training.schedule, 10, prediction_type=prediction_type, device=device)
     reverse_loop(warm_up)
     reverse_loop(warm_up, static=True)
     turns = take_turns({"forwards": (bare_forwards, 1), "loop": (reverse_loop, 1),
@@ -285,10 +286,11 @@ def bench_variants(cfg_path: str, sets: list[str], runtime: Runtime, args: argpa
         model = state.ema.module.eval()
         if compile_model:
             model = torch.compile(model)
-        reverse = ReverseSampler(schedule, args.sample_steps, prediction_type=cfg.model.prediction_type, device=device)
-        warm_up = ReverseSampler(schedule, 10, prediction_type=cfg.model.prediction_type, device=device)
+        reverse = make_sampler("ancestral", schedule, args.sample_steps, prediction_type=cfg.model.prediction_type,
+                               device=device)
+        warm_up = make_sampler("ancestral", schedule, 10, prediction_type=cfg.model.prediction_type, device=device)
         for static in (False, True):
-            def loop(sampler: ReverseSampler = reverse, static: bool = static, model: Any = model) -> None:
+            def loop(sampler: Sampler = reverse, static: bool = static, model: Any = model) -> None:
                 noise = NoiseSource(0, SAMPLE_NOISE, range(args.sample_batch), device)
                 generate(model, sampler, noise, runtime, static=static)
 

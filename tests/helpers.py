@@ -34,3 +34,12 @@ def one_line_error(code: int, err: str, says: str) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert says in lines[0], lines[0]
     return lines[0]
+
+
+def step_at(sampler, model_output, t: int, x_t, noise=None):
+    """One step of a sampler from timestep t, as diffusers' `scheduler.step(model_output, t, sample)`
+    (the package steps by index i; a multistep sampler starts afresh at its first timestep)."""
+    i = sampler.timesteps.tolist().index(int(t))
+    if i == 0 or getattr(sampler, "previous", 0) is None:
+        sampler.start(x_t)
+    return sampler.step(i, model_output, x_t, noise if sampler.needs_noise[i] else None)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, SMOKE, run_cli
-from helpers import digest
+from helpers import digest, step_at
 from PIL import Image
 
 from ddpm_mnist.config import ScheduleConfig
-from ddpm_mnist.diffusion import ReverseSampler, spaced_timesteps
+from ddpm_mnist.diffusion import spaced_timesteps
 from ddpm_mnist.images import load_samples
 from ddpm_mnist.sample_files import sample_from_checkpoint
+from ddpm_mnist.samplers import SAMPLERS, make_sampler
 from ddpm_mnist.schedule import make_betas, make_schedule
 
 PREDICTIONS = ["epsilon", "v", "x0"]
@@ -47,8 +48,9 @@ def test_ancestral_step_matches_hand_computed_values(prediction: str, variance: 
     mean = abar[t - 1].sqrt() * b[t] / (1 - abar[t]) * x0 + (1 - b[t]).sqrt() * (1 - abar[t - 1]) / (1 - abar[t]) * x_t
     var = b[t] * (1 - abar[t - 1]) / (1 - abar[t]) if variance == "fixed_small" else b[t]
     expected = mean + var.sqrt() * z
-    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 1000, prediction_type=prediction, variance_type=variance)
-    got = sampler.step(output.float(), t, x_t.float(), z.float())
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000, prediction_type=prediction,
+                           variance_type=variance)
+    got = step_at(sampler, output.float(), t, x_t.float(), z.float())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -56,36 +58,36 @@ def test_unclipped_epsilon_step_is_algorithm_2_line_4() -> None:
     """x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) + sigma_t z."""
     b = make_betas("linear", 1000)
     abar = torch.cumprod(1 - b, 0)
-    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 1000, clip_sample=False)
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000, clip_sample=False)
     for t in (999, 300, 1):
         x_t, eps, z = inputs(t)
         sigma = (b[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt()
         expected = (x_t - b[t] / (1 - abar[t]).sqrt() * eps) / (1 - b[t]).sqrt() + sigma * z
-        torch.testing.assert_close(sampler.step(eps.float(), t, x_t.float(), z.float()).double(), expected,
+        torch.testing.assert_close(step_at(sampler, eps.float(), t, x_t.float(), z.float()).double(), expected,
                                    rtol=1e-5, atol=1e-4)
 
 
 def test_last_step_adds_no_noise_and_others_need_it() -> None:
-    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 1000)
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000)
     assert sampler.timesteps[0] == 999 and sampler.timesteps[-1] == 0  # 0-indexed, T-1 down to 0
+    assert sampler.needs_noise == [True] * 999 + [False]
     x_t, out, z = (v.float() for v in inputs(0))
-    assert torch.equal(sampler.step(out, 0, x_t, z), sampler.step(out, 0, x_t))
-    with pytest.raises(ValueError, match="adds noise"):
-        sampler.step(out, 5, x_t)
+    assert torch.equal(sampler.step(999, out, x_t, z), sampler.step(999, out, x_t, None))  # z is not used
+    assert not torch.equal(sampler.step(994, out, x_t, z), sampler.step(994, out, x_t, None))
 
 
 def test_ddim_with_eta_1_on_every_step_is_the_ancestral_step() -> None:
     """Song et al.: eta = 1 over all T steps gives DDPM's posterior with beta-tilde (no clipping)."""
     schedule = make_schedule(ScheduleConfig())
-    ddpm = ReverseSampler(schedule, 1000, clip_sample=False)
-    ddim = ReverseSampler(schedule, 1000, sampler="ddim", eta=1.0, clip_sample=False)
+    ddpm = make_sampler("ancestral", schedule, 1000, clip_sample=False)
+    ddim = make_sampler("ddim", schedule, 1000, eta=1.0, clip_sample=False)
     for t in (999, 400, 3):
         x_t, out, z = (v.float() for v in inputs(t))
-        torch.testing.assert_close(ddim.step(out, t, x_t, z), ddpm.step(out, t, x_t, z), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step_at(ddim, out, t, x_t, z), step_at(ddpm, out, t, x_t, z), rtol=1e-4, atol=1e-4)
 
 
 def test_ddim_eta_0_is_deterministic_and_respaced() -> None:
-    sampler = ReverseSampler(make_schedule(ScheduleConfig()), 50, sampler="ddim")
+    sampler = make_sampler("ddim", make_schedule(ScheduleConfig()), 50)
     assert sampler.timesteps.tolist() == spaced_timesteps(1000, 50) == list(range(980, -1, -20))
     assert not any(sampler.needs_noise)
 
@@ -101,14 +103,14 @@ def test_ancestral_step_agrees_with_diffusers(prediction: str, variance: str, cl
         variance_type=variance, clip_sample=clip,
     )
     theirs.set_timesteps(steps)
-    ours = ReverseSampler(make_schedule(ScheduleConfig(beta_schedule="cosine")), steps, prediction_type=prediction,
-                          variance_type=variance, clip_sample=clip)
+    ours = make_sampler("ancestral", make_schedule(ScheduleConfig(beta_schedule="cosine")), steps,
+                        prediction_type=prediction, variance_type=variance, clip_sample=clip)
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     for t in (int(ours.timesteps[0]), int(ours.timesteps[len(ours.timesteps) // 2]), int(ours.timesteps[-1])):
         x_t, out, _ = (v.float() for v in inputs(t))
         expected = theirs.step(out, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
         z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
-        torch.testing.assert_close(ours.step(out, t, x_t, z), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step_at(ours, out, t, x_t, z), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -117,12 +119,12 @@ def test_ddim_step_agrees_with_diffusers(prediction: str, eta: float) -> None:
     diffusers = pytest.importorskip("diffusers")
     theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, prediction_type=DIFFUSERS_PREDICTION[prediction])
     theirs.set_timesteps(20)
-    ours = ReverseSampler(make_schedule(ScheduleConfig()), 20, sampler="ddim", prediction_type=prediction, eta=eta)
+    ours = make_sampler("ddim", make_schedule(ScheduleConfig()), 20, prediction_type=prediction, eta=eta)
     for t in (int(ours.timesteps[0]), int(ours.timesteps[-1])):
         x_t, out, _ = (v.float() for v in inputs(t))
         expected = theirs.step(out, t, x_t, eta=eta, generator=torch.Generator().manual_seed(3)).prev_sample
         z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
-        torch.testing.assert_close(ours.step(out, t, x_t, z if eta else None), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step_at(ours, out, t, x_t, z if eta else None), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, tmp_path: Path) -> None:
@@ -247,8 +249,8 @@ def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tens
     for p in model.parameters():  # give the zero-initialised layers weights: a model that does something
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.05)
-    sampler = ReverseSampler(make_schedule(ScheduleConfig()).to(device), 25, sampler=sampler_kind, device=device,
-                             eta=0.5 if sampler_kind == "ddim" else 0.0)
+    sampler = make_sampler(sampler_kind, make_schedule(ScheduleConfig()).to(device), 25, device=device,
+                           eta=0.5 if sampler_kind == "ddim" else 0.0)
     runtime = Runtime(device, None, "float32")
     runs = [generate(model, sampler, NoiseSource(3, SAMPLE_NOISE, range(5), device), runtime, static=static)
             for static in (False, True)]
@@ -277,7 +279,7 @@ def test_x0_hat_at_the_cosine_schedules_last_step_does_not_cancel(prediction: st
     What remains (1.2e-4) is float32's own limit, as in diffusers: sqrt(1 - abar) = 1 - 1.2e-9 is
     1.0 in float32, and 1.2e-9 |eps| / sqrt(abar) is about 1e-4."""
     schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
-    sampler = ReverseSampler(schedule, 1000, prediction_type=prediction, clip_sample=False)
+    sampler = make_sampler("ancestral", schedule, 1000, prediction_type=prediction, clip_sample=False)
     abar = torch.cumprod(1 - make_betas("cosine", 1000), 0)[999]  # float64
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(64, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
@@ -348,7 +350,8 @@ def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
             torch.nn.init.normal_(p, std=0.05)
     samples = EMASamples(cfg)
     images = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
-    assert samples._reverse.kind == sampler and samples._reverse.num_steps == 7
+    assert isinstance(samples._reverse, SAMPLERS[sampler])
+    assert samples._reverse.num_steps == 7
     again = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
     assert torch.equal(images, again)  # the same noise at every call
 

@@ -15,9 +15,11 @@ import random
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, SMOKE, run_cli
+from helpers import step_at
 
 from ddpm_mnist.config import ScheduleConfig, load_config
-from ddpm_mnist.diffusion import ReverseSampler, spaced_timesteps
+from ddpm_mnist.diffusion import spaced_timesteps
+from ddpm_mnist.samplers import make_sampler
 from ddpm_mnist.schedule import make_betas, make_schedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -75,7 +77,7 @@ def test_ancestral_loops_agree_with_diffusers(case: int) -> None:
     theirs = diffusers.DDPMScheduler(**theirs_cfg, prediction_type=PREDICTIONS[prediction], clip_sample=clip,
                                      timestep_spacing=spacing, variance_type="fixed_small")
     theirs.set_timesteps(steps)
-    ours = ReverseSampler(make_schedule(ours_cfg), steps, prediction_type=prediction, clip_sample=clip,
+    ours = make_sampler("ancestral", make_schedule(ours_cfg), steps, prediction_type=prediction, clip_sample=clip,
                           timestep_spacing=spacing)
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(case))
@@ -85,7 +87,7 @@ def test_ancestral_loops_agree_with_diffusers(case: int) -> None:
 
     def our_step(out, t, x, g):  # the noise diffusers draws (at every t > 0; ours adds none at the last step)
         z = torch.randn(x.shape, generator=g) if t > 0 else None
-        return ours.step(out, t, x, z if ours.needs_noise[ours._index[t]] else None)
+        return step_at(ours, out, t, x, z)
 
     a = run_loop(their_step, ours.timesteps.tolist(), T, x_T, case)
     b = run_loop(our_step, ours.timesteps.tolist(), T, x_T, case)
@@ -121,11 +123,11 @@ def test_ddim_loops_agree_with_diffusers_or_float64(case: int) -> None:
     T, spacing = ours_cfg.num_timesteps, SPACINGS[case % 3]
     steps = rng.choice([T // 4, T // 10, 7, 13, max(2, T // 3 + 1)])
     prediction, clip = rng.choice(list(PREDICTIONS)), rng.random() < 0.5
-    ours = ReverseSampler(make_schedule(ours_cfg), steps, sampler="ddim", prediction_type=prediction, clip_sample=clip,
+    ours = make_sampler("ddim", make_schedule(ours_cfg), steps, prediction_type=prediction, clip_sample=clip,
                           timestep_spacing=spacing)
     timesteps = ours.timesteps.tolist()
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(case))
-    b = run_loop(lambda out, t, x, g: ours.step(out, t, x), timesteps, T, x_T, case)
+    b = run_loop(lambda out, t, x, g: step_at(ours, out, t, x), timesteps, T, x_T, case)
     uniform = all(a - c == T // steps for a, c in zip(timesteps, timesteps[1:], strict=False))
     uniform = uniform and timesteps[-1] < T // steps and ours_cfg.beta_schedule != "sigmoid"  # not in its DDIM
     if uniform:  # diffusers' previous timestep (t - T // steps) is the next one visited
@@ -220,12 +222,12 @@ def test_dpm_solver_loops_agree_with_diffusers(case: int) -> None:
         solver_order=2, lower_order_final=True)
     theirs.set_timesteps(steps)
     cfg = ScheduleConfig(beta_schedule=kind, num_timesteps=T, beta_start=start, beta_end=end)
-    ours = ReverseSampler(make_schedule(cfg), steps, sampler="dpmpp_2m", prediction_type=prediction,
+    ours = make_sampler("dpmpp_2m", make_schedule(cfg), steps, prediction_type=prediction,
                           clip_sample=False, timestep_spacing=spacing)
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(case))
     a = run_loop(lambda out, t, x, g: theirs.step(out, t, x).prev_sample, ours.timesteps.tolist(), T, x_T, case)
-    b = run_loop(lambda out, t, x, g: ours.step(out, t, x), ours.timesteps.tolist(), T, x_T, case)
+    b = run_loop(lambda out, t, x, g: step_at(ours, out, t, x), ours.timesteps.tolist(), T, x_T, case)
     scale = max(1.0, float(a.abs().max()))
     assert float((a - b).abs().max()) <= 1e-4 * scale, (cfg, steps, spacing, prediction)
 
@@ -239,13 +241,13 @@ def test_dpm_solver_with_clipping_and_zero_terminal_snr_against_float64(case: in
     prediction = rng.choice(["v", "x0"] if zero_snr else list(PREDICTIONS))
     cfg = ScheduleConfig(beta_schedule=kind, num_timesteps=T, rescale_zero_terminal_snr=zero_snr)
     steps, spacing = rng.choice([7, 20, 30]), rng.choice(SPACINGS)
-    ours = ReverseSampler(make_schedule(cfg), steps, sampler="dpmpp_2m", prediction_type=prediction,
+    ours = make_sampler("dpmpp_2m", make_schedule(cfg), steps, prediction_type=prediction,
                           clip_sample=True, timestep_spacing=spacing)
     timesteps = ours.timesteps.tolist()
     assert not zero_snr or spacing == "leading" or timesteps[0] == T - 1  # starts at zero SNR: a first-order step
     abar = torch.cumprod(1 - make_schedule(cfg).betas.double(), 0)
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(case))
-    b = run_loop(lambda out, t, x, g: ours.step(out, t, x), timesteps, T, x_T, case)
+    b = run_loop(lambda out, t, x, g: step_at(ours, out, t, x), timesteps, T, x_T, case)
     a = dpm_solver_reference(abar, timesteps, prediction, True, x_T, T)
     assert torch.isfinite(b).all()
     assert float((a - b.double()).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max())), (cfg, steps, spacing)
@@ -297,14 +299,14 @@ def test_ddim_with_eta_near_t_0_agrees_with_float64() -> None:
         steps = 997 if case == 0 else rng.choice([T - 3, T // 2, T // 10, 7, T])
         eta, clip = (1.0, False) if case == 0 else (rng.choice([0.0, 0.5, 1.0]), rng.random() < 0.5)
         prediction = "x0" if case == 0 else rng.choice(["x0", "x0", "v", "epsilon"])
-        ours = ReverseSampler(make_schedule(schedule_cfg), steps, sampler="ddim", prediction_type=prediction,
+        ours = make_sampler("ddim", make_schedule(schedule_cfg), steps, prediction_type=prediction,
                               clip_sample=clip, eta=eta)
         timesteps, g = ours.timesteps.tolist(), torch.Generator().manual_seed(case)
         x = torch.randn(2, 1, 6, 6, generator=g)
         noise = [torch.randn(2, 1, 6, 6, generator=g) for _ in timesteps]
         expected = ddim_eta_reference(schedule_cfg, timesteps, prediction, clip, eta, x, noise, T)
         for i, t in enumerate(timesteps):
-            x = ours.step_index(i, model(x, t, T), x, noise[i] if ours.needs_noise[i] else None)
+            x = ours.step(i, model(x, t, T), x, noise[i] if ours.needs_noise[i] else None)
         worst.append((float((expected - x.double()).abs().max()) / max(1.0, float(expected.abs().max())),
                       schedule_cfg, steps, eta, prediction, clip))
     assert max(worst, key=lambda w: w[0])[0] <= 1e-4, max(worst, key=lambda w: w[0])
