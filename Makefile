@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test test-fast lint bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check ddpm_mnist tests scripts
 	$(BIN)/python -m pytest -q
+
+# the tests that train no model: the loop while editing
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/ruff check ddpm_mnist tests scripts
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check ddpm_mnist tests scripts

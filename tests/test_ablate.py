@@ -26,6 +26,7 @@ def ablation(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_each_variant_trains_for_the_budget_and_is_measured_once(tmp_path: Path) -> None:
     done = ablation(tmp_path)
     assert done.returncode == 0, done.stderr
@@ -62,6 +63,7 @@ def test_a_malformed_variant_is_one_line(text: str, capsys) -> None:
     assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: --variant")
 
 
+@pytest.mark.slow
 def test_a_result_is_reused_only_for_the_same_settings_and_says_so(tmp_path: Path) -> None:
     done = ablation(tmp_path)
     assert done.returncode == 0, done.stderr
@@ -76,6 +78,7 @@ def test_a_result_is_reused_only_for_the_same_settings_and_says_so(tmp_path: Pat
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["steps"] == before["steps"]  # not retrained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, says", [
     (["--seeds", "a"], "--seeds 'a': give distinct whole numbers"),
     (["--seeds", ""], "--seeds '': give distinct whole numbers"),
@@ -95,6 +98,7 @@ def test_bad_ablation_arguments_are_one_line_before_any_training(tmp_path: Path,
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--config", str(SMOKE), "--budget", "3s",

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE
 
 
+@pytest.mark.slow
 def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
     done = subprocess.run(

@@ -31,6 +31,7 @@ def test_malformed_durations_are_refused(text: str) -> None:
         duration_seconds(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sets, says", [
     (["train.steps=0", "train.time_budget=20"], "train.time_budget: must be a duration from 1s to 1000h such as 90s"),
     (["train.time_budget=1m", "train.steps=5"], "a budget replaces train.steps and train.epochs"),
@@ -81,6 +82,7 @@ def budget_run(cfg: Config, name: str, monkeypatch, **kwargs: object):
     return smoke_run(cfg, *BUDGET, f"name={name}", **kwargs)
 
 
+@pytest.mark.slow
 def test_the_length_is_fixed_once_and_recorded(smoke_cfg: Config, capsys, monkeypatch) -> None:
     run = budget_run(smoke_cfg, "budget", monkeypatch)
     out = capsys.readouterr()
@@ -98,6 +100,7 @@ def test_the_length_is_fixed_once_and_recorded(smoke_cfg: Config, capsys, monkey
     assert re.search(r"done: [0-9,]+ steps in 0:0[0-9] of a 0:06 budget \([+-][0-9.]+%\)", out.out), out.out
 
 
+@pytest.mark.slow
 def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, monkeypatch) -> None:
     straight = budget_run(smoke_cfg, "straight", monkeypatch)
     out = capsys.readouterr()
@@ -121,6 +124,7 @@ def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, mo
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_a_budget_on_resume_applies_or_says_why_not(smoke_cfg: Config, capsys, monkeypatch) -> None:
     run = budget_run(smoke_cfg, "fixed", monkeypatch)
     total = load_checkpoint(run / "checkpoints" / "latest.pt")["step"]

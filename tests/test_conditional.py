@@ -85,6 +85,7 @@ def test_one_forward_of_2B_images_equals_two_forwards() -> None:
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_with_class_dropout_is_exact(smoke_cfg: Config) -> None:
     sets = [*CONDITIONAL, "train.class_dropout=0.3", "train.checkpoint_every=8", "train.sample_every=0",
             "train.steps=16", "model.dropout=0.1"]
@@ -100,6 +101,7 @@ def test_resume_with_class_dropout_is_exact(smoke_cfg: Config) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_an_unconditional_checkpoint_from_before_samples_the_same_images(trained_run: Path, tmp_path: Path,
                                                                           capsys) -> None:
     """A checkpoint whose config has no model.num_classes (written before this change) is unconditional."""
@@ -118,6 +120,7 @@ def test_an_unconditional_checkpoint_from_before_samples_the_same_images(trained
     assert load_samples_and_labels(tmp_path / "new.pt")[1] is None  # an unconditional file holds no labels
 
 
+@pytest.mark.slow
 def test_image_k_has_digit_k_mod_10_and_its_noise_does_not_depend_on_digit_w_or_batch(
         conditional_run: Path, tmp_path: Path, capsys) -> None:
     ckpt = conditional_run / "checkpoints" / "latest.pt"
@@ -142,6 +145,7 @@ def test_image_k_has_digit_k_mod_10_and_its_noise_does_not_depend_on_digit_w_or_
     assert not torch.equal(chosen, zero3)
 
 
+@pytest.mark.slow
 def test_eval_of_a_conditional_model_reports_class_accuracy(conditional_run: Path, tmp_path: Path, capsys) -> None:
     ckpt = conditional_run / "checkpoints" / "latest.pt"
     code, out, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--n", "20", "--steps", "5", "--data", FIXTURE_ROOT,
@@ -158,6 +162,7 @@ def test_eval_of_a_conditional_model_reports_class_accuracy(conditional_run: Pat
     assert (tmp_path / "g.png").stat().st_size > 0 and "W=3" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--digit", "12"], "--digit 12: each must be a digit 0 to 9"),
     (["--digits", "0,3,x"], "each must be a digit 0 to 9, got 'x'"),
@@ -175,6 +180,7 @@ def test_bad_conditional_options_get_one_line(conditional_run: Path, tmp_path: P
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--digit", "7"], ["--digits", "1,2"], ["--guidance", "3"],
                                   ["--set", "sample.guidance=5"]])
 def test_digits_and_guidance_are_refused_for_an_unconditional_checkpoint(trained_run: Path, tmp_path: Path,
@@ -188,6 +194,7 @@ def test_digits_and_guidance_are_refused_for_an_unconditional_checkpoint(trained
     assert code == 2 and "holds an unconditional model" in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sets, says", [
     (["model.num_classes=1"], "model.num_classes: must be 0 (unconditional) or 10"),
     (["model.num_classes=-1"], "model.num_classes: must be >= 0"),
@@ -205,6 +212,7 @@ def test_bad_conditional_config_gets_one_line(sets: list[str], says: str, capsys
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_conditional_preview_grid_has_a_column_per_digit(smoke_cfg: Config) -> None:
     cfg = apply_overrides(smoke_cfg, [*CONDITIONAL, "train.steps=4", "train.sample_every=0", "train.preview_n=20"])
     run = smoke_run(cfg, "name=preview")
@@ -212,6 +220,7 @@ def test_a_conditional_preview_grid_has_a_column_per_digit(smoke_cfg: Config) ->
     assert grid.size == (10 * 30 + 2, 2 * 30 + 2)
 
 
+@pytest.mark.slow
 def test_the_guidance_strip_has_a_row_per_weight(conditional_run: Path, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "guidance_strip.py"), "--ckpt",
                            str(conditional_run / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "strip.png"),

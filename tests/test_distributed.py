@@ -28,6 +28,7 @@ def torchrun(out_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model_and_one_writes(tmp_path: Path) -> None:
     result = torchrun(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,6 +49,7 @@ def test_two_processes_train_one_model_and_one_writes(tmp_path: Path) -> None:
     assert state["epoch"] == 12 // 15
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_ends_where_an_uninterrupted_run_does(tmp_path: Path) -> None:
     straight = torchrun(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -104,6 +104,7 @@ def test_report_has_the_floor_at_the_same_n(classifier, test_digits) -> None:
     assert evaluate_images(copies, FIXTURE_ROOT, download=False)["samples"]["memorised_share"] == 1.0
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_samples_file_writes_json(trained_run: Path, tmp_path: Path, capsys) -> None:
     tensor = tmp_path / "s.pt"
     code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "24",
@@ -120,6 +121,7 @@ def test_eval_command_on_a_samples_file_writes_json(trained_run: Path, tmp_path:
         assert code == 2 and "give 2..24" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_eval_command_samples_from_a_checkpoint(trained_run: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "12",
                              "--steps", "4", "--json", tmp_path / "m.json")
@@ -135,6 +137,7 @@ def test_eval_needs_exactly_one_source(tmp_path: Path, capsys) -> None:
     assert code == 2 and "no such samples file" in err
 
 
+@pytest.mark.slow
 def test_sweep_compares_settings_from_the_same_seeds(trained_run: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--sweep",
                              "ancestral:20,ddim:5,dpmpp_2m:5:trailing,dpmpp_2m:3", "--n", "24", "--json",
@@ -153,6 +156,7 @@ def test_sweep_compares_settings_from_the_same_seeds(trained_run: Path, tmp_path
     assert code == 0 and json.loads((tmp_path / "t.json").read_text())["rows"][0]["fid_mnist"] == rows[1]["fid_mnist"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--sweep", "euler:20"], "sample.sampler: must be one of ancestral, ddim, dpmpp_2m"),
     (["--sweep", "ddim:0"], "with steps >= 1"),
@@ -176,6 +180,7 @@ def test_a_bad_sweep_is_one_line_before_any_sampling(trained_run: Path, tmp_path
     assert list(tmp_path.iterdir()) == [] and "fid_mnist" not in out
 
 
+@pytest.mark.slow
 def test_a_sweep_holds_one_settings_model_at_a_time(trained_run: Path, monkeypatch, capsys) -> None:
     """Every setting is checked first; then each is prepared, measured and dropped before the next."""
     import ddpm_mnist.sweep as sweep_module

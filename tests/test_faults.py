@@ -32,6 +32,7 @@ def train_command(out_dir: Path, *sets: str) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_ends_where_an_uninterrupted_run_does(smoke_cfg: Config, tmp_path) -> None:
     """Kill a training process with SIGKILL at random moments, mid-step or mid-save (it saves
     every step), check each time that latest.pt loads, resume, and compare with a straight run."""
@@ -68,6 +69,7 @@ def test_sigkill_at_any_moment_then_resume_ends_where_an_uninterrupted_run_does(
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_a_crash_while_writing_never_touches_the_previous_checkpoint(smoke_cfg: Config, monkeypatch) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=10", "train.sample_every=0")
     before = digest(run_dir / "checkpoints" / "latest.pt")
@@ -84,6 +86,7 @@ def test_a_crash_while_writing_never_touches_the_previous_checkpoint(smoke_cfg: 
     assert not list((run_dir / "checkpoints").glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_disk_full_from_the_cli_is_one_line(smoke_cfg: Config, monkeypatch, capsys) -> None:
     def full(obj: object, f: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -96,6 +99,7 @@ def test_disk_full_from_the_cli_is_one_line(smoke_cfg: Config, monkeypatch, caps
     assert code == 2 and last.startswith("error: cannot write checkpoint") and "No space left on device" in last
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_is_reported(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -105,6 +109,7 @@ def test_unwritable_output_folder_is_reported(tmp_path: Path, capsys) -> None:
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_on_resume_is_one_line(smoke_cfg: Config, capsys) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
     (run_dir / "checkpoints" / "latest.pt").write_bytes(b"\x00" * 100)
@@ -125,6 +130,7 @@ class NanGradient(torch.autograd.Function):
         return grad * torch.nan
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_gradient_with_a_finite_loss(smoke_cfg: Config, monkeypatch, policy: str) -> None:
     real = train_module.training_losses

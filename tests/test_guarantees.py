@@ -68,6 +68,7 @@ def fill(disk: Path) -> None:
 
 # --- 1. --resume never starts over while checkpoints remain ---------------------------------------
 
+@pytest.mark.slow
 def test_1_resume_without_latest_continues_from_the_newest_numbered_checkpoint(smoke_cfg: Config, capsys) -> None:
     sets = ["train.checkpoint_every=5", "train.keep_checkpoints=5", "train.sample_every=0", "model.dropout=0.1"]
     straight = smoke_run(smoke_cfg, *sets, "name=straight")
@@ -87,6 +88,7 @@ def test_1_resume_without_latest_continues_from_the_newest_numbered_checkpoint(s
     assert all(torch.equal(a[key], b[key]) for key in a)  # the run continued, bit for bit
 
 
+@pytest.mark.slow
 def test_1_resume_refuses_when_no_checkpoint_loads(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=10", "train.checkpoint_every=5", "train.sample_every=0")
     checkpoints = run_dir / "checkpoints"
@@ -101,6 +103,7 @@ def test_1_resume_refuses_when_no_checkpoint_loads(smoke_cfg: Config) -> None:
 
 # --- 2. one writer per run folder -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_2_a_second_writer_is_refused_with_the_pid_of_the_first(smoke_cfg: Config, capsys) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=5", "train.sample_every=0")
     before = {p.name: digest(p) for p in (run_dir / "checkpoints").iterdir()}
@@ -112,6 +115,7 @@ def test_2_a_second_writer_is_refused_with_the_pid_of_the_first(smoke_cfg: Confi
     assert {p.name: digest(p) for p in (run_dir / "checkpoints").iterdir()} == before  # nothing deleted
 
 
+@pytest.mark.slow
 def test_2_a_lock_left_by_a_killed_process_does_not_block(smoke_cfg: Config) -> None:
     run_dir = smoke_cfg.run_dir
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -139,6 +143,7 @@ def test_2_temporary_files_have_names_no_other_writer_picks(tmp_path: Path) -> N
 
 # --- 3. a full disk is one line, and the last checkpoint survives -----------------------------------
 
+@pytest.mark.slow
 def test_3_training_onto_a_full_disk_keeps_the_last_checkpoint(small_disk, capsys) -> None:
     disk = small_disk(1500)  # room for one smoke checkpoint (0.9 MB), not two
     args = train_args(disk, "train.sample_every=0", "train.keep_checkpoints=1")
@@ -156,6 +161,7 @@ def test_3_training_onto_a_full_disk_keeps_the_last_checkpoint(small_disk, capsy
 
 # --- 4. no partial file under a final name ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_4_outputs_on_a_full_disk_leave_older_files_whole(trained_run: Path, small_disk, capsys) -> None:
     disk = small_disk(64)
     old_csv, old_png = disk / "s.csv", disk / "s.png"
@@ -227,6 +233,7 @@ def test_5_a_stored_config_bomb_is_described_briefly() -> None:
 
 # --- 6. --n and --batch-size that cannot fit are refused up front ------------------------------------
 
+@pytest.mark.slow
 def test_6_an_impossible_sample_size_is_refused_before_sampling(trained_run: Path, tmp_path: Path, capsys) -> None:
     ckpt = trained_run / "checkpoints" / "latest.pt"
     code, out, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", "10000000", "--batch-size", "65536",
@@ -235,6 +242,7 @@ def test_6_an_impossible_sample_size_is_refused_before_sampling(trained_run: Pat
     assert "sampling" not in out and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_6_eval_checks_memory_before_sampling_too(trained_run: Path, monkeypatch, capsys) -> None:
     import ddpm_mnist.sample as sample
 
@@ -245,6 +253,7 @@ def test_6_eval_checks_memory_before_sampling_too(trained_run: Path, monkeypatch
     assert "sampling 500 images to evaluate" in out and "eval:" not in err  # refused before the first step
 
 
+@pytest.mark.slow
 def test_6_images_stream_to_their_files_batch_by_batch(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
     import ddpm_mnist.sample_files as sample_files
 
@@ -265,6 +274,7 @@ def test_6_images_stream_to_their_files_batch_by_batch(trained_run: Path, tmp_pa
 
 # --- 7. non-finite weights and images ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_7_a_checkpoint_with_one_nan_bias_is_refused(trained_run: Path, tmp_path: Path, capsys) -> None:
     state = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=True)
     state["ema"]["out_conv.bias"][0] = float("nan")
@@ -277,6 +287,7 @@ def test_7_a_checkpoint_with_one_nan_bias_is_refused(trained_run: Path, tmp_path
     assert not (tmp_path / "g.png").exists()
 
 
+@pytest.mark.slow
 def test_7_non_finite_images_stop_sampling(trained_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     from ddpm_mnist.unet import UNet
 
@@ -290,6 +301,7 @@ def test_7_non_finite_images_stop_sampling(trained_run: Path, tmp_path: Path, mo
 
 # --- 8. sample-time overrides cannot change the trained model ----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["schedule.num_timesteps=10", "schedule.beta_schedule=cosine",
                                       "model.prediction_type=x0", "train.lr=1"])
 def test_8_sample_time_set_cannot_change_the_trained_model(trained_run: Path, tmp_path: Path, capsys,
@@ -301,6 +313,7 @@ def test_8_sample_time_set_cannot_change_the_trained_model(trained_run: Path, tm
         one_line_error(code, err, f"{key} belongs to the trained model")
 
 
+@pytest.mark.slow
 def test_8_sample_and_runtime_keys_can_change(trained_run: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "2",
                              "--out", tmp_path / "g.png", "--set", "sample.steps=3", "--set", "runtime.device=cpu",
@@ -382,6 +395,7 @@ def test_10_one_table_of_md5s_serves_the_loader_and_the_fetch_script() -> None:
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
 def test_11_resuming_on_another_process_count_is_refused_unless_asked(smoke_cfg: Config, tmp_path: Path) -> None:
     smoke_run(smoke_cfg, "train.steps=4", "train.sample_every=0")
@@ -423,6 +437,7 @@ def test_12_a_date_like_name_is_a_name(capsys) -> None:
     assert code == 0 and "name: '2001-13-45'" in out, err  # quoted, so that any YAML reader sees a string
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, says", [
     ("step", "10", "its step must be a whole number >= 0, got '10'"),
     ("step", None, "its step must be a whole number >= 0, got None"),
@@ -443,6 +458,7 @@ def test_12_checkpoint_fields_of_the_wrong_type_are_one_line(trained_run: Path, 
     one_line_error(code, err, says)
 
 
+@pytest.mark.slow
 def test_12_fuzzed_checkpoints_are_one_line(trained_run: Path, tmp_path: Path, capsys) -> None:
     import random
 
@@ -464,6 +480,7 @@ def test_12_fuzzed_checkpoints_are_one_line(trained_run: Path, tmp_path: Path, c
 
 # --- 13. code-running pickles: the refused global, never torch's advice -------------------------------
 
+@pytest.mark.slow
 def test_13_a_code_running_pickle_names_the_global_and_gives_no_unsafe_advice(tmp_path: Path, capsys) -> None:
     class Exploit:
         def __reduce__(self) -> tuple:
@@ -478,6 +495,7 @@ def test_13_a_code_running_pickle_names_the_global_and_gives_no_unsafe_advice(tm
 
 # --- 14. eval checks every argument before sampling ---------------------------------------------------
 
+@pytest.mark.slow
 def test_14_eval_checks_n_against_the_floor_before_sampling(trained_run: Path, tmp_path: Path, capsys) -> None:
     started = time.perf_counter()
     code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "1001",
@@ -487,6 +505,7 @@ def test_14_eval_checks_n_against_the_floor_before_sampling(trained_run: Path, t
     assert time.perf_counter() - started < 120  # 1001 images x 1000 steps would take many minutes here
 
 
+@pytest.mark.slow
 def test_14_eval_refuses_a_negative_n(trained_run: Path, tmp_path: Path, capsys) -> None:
     tensor = tmp_path / "s.pt"
     assert run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "15", "--steps", "2",
@@ -498,6 +517,7 @@ def test_14_eval_refuses_a_negative_n(trained_run: Path, tmp_path: Path, capsys)
 
 # --- 15. output names --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--out", "x.jpg"], "--out x.jpg: the file name must end in .png"),
     (["--trajectory", "traj.png"], "--trajectory traj.png: the file name must end in .gif"),

@@ -65,6 +65,7 @@ def test_gamma_zero_leaves_the_loss_unweighted() -> None:
     assert not torch.allclose(training_losses(Fixed(output), schedule, x0, t, noise, snr_gamma=5.0), plain)
 
 
+@pytest.mark.slow
 def test_training_weights_each_images_loss(smoke_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs from one seed see the same images, timesteps and noise at step 0; with
     train.min_snr_gamma their per-image losses are the plain ones times the weights."""

@@ -89,6 +89,7 @@ def test_unwritable_and_impossible_output_folders_fail_before_any_work(tmp_path:
             ensure_writable(Path("/proc/x.png"))
 
 
+@pytest.mark.slow
 def test_inputs_that_are_not_regular_files_are_refused_instead_of_blocking(tmp_path: Path, capsys) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -115,6 +116,7 @@ def foreign_folder(tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_folder_holding_files_the_tool_did_not_write(tmp_path: Path, capsys) -> None:
     run = foreign_folder(tmp_path)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))

@@ -127,6 +127,7 @@ def test_ddim_step_agrees_with_diffusers(prediction: str, eta: float) -> None:
         torch.testing.assert_close(step_at(ours, out, t, x_t, z if eta else None), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "latest.pt"
 
@@ -147,6 +148,7 @@ def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, 
     assert torch.equal(load_samples(tmp_path / "e.pt"), load_samples(tmp_path / "a.pt")[:2])
 
 
+@pytest.mark.slow
 def test_outputs_have_the_right_count_and_shape(trained_run: Path, tmp_path: Path, capsys) -> None:
     ckpt = trained_run / "checkpoints" / "latest.pt"
     code, out, err = run_cli(
@@ -172,6 +174,7 @@ def test_outputs_have_the_right_count_and_shape(trained_run: Path, tmp_path: Pat
     assert (tmp_path / "t_strip.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_ddim_sampler_from_the_cli(trained_run: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--sampler", "ddim",
                              "--steps", "10", "--n", "4", "--out", tmp_path / "g.png", "--no-ema")
@@ -186,6 +189,7 @@ def expect_one_line_error(capsys, ckpt: Path, *extra: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_one_line_and_exit_code_2(trained_run: Path, tmp_path: Path, capsys) -> None:
     good = trained_run / "checkpoints" / "latest.pt"
     assert "no such checkpoint" in expect_one_line_error(capsys, tmp_path / "missing.pt")
@@ -219,6 +223,7 @@ def test_bad_checkpoints_give_one_line_and_exit_code_2(trained_run: Path, tmp_pa
     assert "weights do not fit the model" in expect_one_line_error(capsys, mismatched)
 
 
+@pytest.mark.slow
 def test_bad_sample_arguments_give_one_line(trained_run: Path, tmp_path: Path, capsys) -> None:
     ckpt = trained_run / "checkpoints" / "latest.pt"
     assert "must end in .pt or .npz" in expect_one_line_error(capsys, ckpt, "--tensor", str(tmp_path / "x.txt"))
@@ -257,6 +262,7 @@ def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tens
     return runs[0], runs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ancestral", "ddim", "dpmpp_2m"])
 def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
     """On CPU the CUDA-graph path runs its step eagerly on the fixed buffers: same images."""
@@ -310,6 +316,7 @@ def test_a_respaced_schedule_keeps_the_originals_noise_levels() -> None:
     torch.testing.assert_close(whole.alphas_cumprod, schedule.alphas_cumprod, rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained_run: Path, tmp_path: Path,
                                                                          capsys) -> None:
     """A checkpoint written before the runtime section and the two AdamW groups (format 1)."""
@@ -356,6 +363,7 @@ def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
     assert torch.equal(images, again)  # the same noise at every call
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--eta", "0.5"], ["--sampler", "dpmpp_2m", "--eta", "1"],
                                   ["--set", "sample.eta=0.3"]])
 def test_eta_is_refused_where_the_sampler_would_ignore_it(trained_run: Path, tmp_path: Path, capsys, args) -> None:

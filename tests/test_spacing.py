@@ -142,6 +142,7 @@ def test_ddim_loops_agree_with_diffusers_or_float64(case: int) -> None:
     assert float((a - b).abs().max()) <= 1e-4 * scale, (ours_cfg, steps, spacing, prediction, clip, uniform)
 
 
+@pytest.mark.slow
 def test_changing_T_alone_works_for_every_command(tmp_path, capsys) -> None:
     for config in ("configs/cpu.yaml", "configs/mnist.yaml"):  # sample.steps: 0, the full loop
         for command in ("config", "schedule"):

@@ -33,6 +33,7 @@ from ddpm_mnist.trainstate import (
 )
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg)
     assert run_dir == smoke_cfg.run_dir
@@ -69,6 +70,7 @@ def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> N
     assert losses[-1] < losses[0]  # it learns, even in 20 steps
 
 
+@pytest.mark.slow
 def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config) -> None:
     # dropout and the cosine lr make every source of state matter: RNG, optimiser, scheduler, EMA
     sets = ["train.lr_schedule=cosine", "model.dropout=0.1", "train.checkpoint_every=8", "train.sample_every=0",
@@ -88,6 +90,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config) -> 
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_training_state_in_one_line(smoke_cfg: Config, capsys) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=10", "train.sample_every=0")
     latest = run_dir / "checkpoints" / "latest.pt"
@@ -101,6 +104,7 @@ def test_resume_refuses_a_damaged_training_state_in_one_line(smoke_cfg: Config, 
                                         "delete it to resume from the newest numbered checkpoint"]
 
 
+@pytest.mark.slow
 def test_a_run_folder_is_not_overwritten_by_accident(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
     before = digest(run_dir / "checkpoints" / "latest.pt")
@@ -114,6 +118,7 @@ def test_a_run_folder_is_not_overwritten_by_accident(smoke_cfg: Config) -> None:
     assert not (run_dir / "checkpoints" / "step_000000002.pt").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_existing_run_with_exit_code_2(smoke_cfg: Config, capsys) -> None:
     args = ["train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={smoke_cfg.out_dir}",
             "--set", "train.steps=2"]
@@ -135,6 +140,7 @@ def nan_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "training_losses", losses)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_cfg: Config, monkeypatch) -> None:
     nan_after(12, monkeypatch)
     with pytest.raises(RunError, match=r"diverged: non-finite loss or gradient between steps 11 and 15"):
@@ -146,6 +152,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_cfg: Config, mo
     assert not (run_dir / "checkpoints" / "step_000000020.pt").exists()
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
     real = train_module.training_losses
     count = {"n": 0}
@@ -166,6 +173,7 @@ def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "ddpm_mnist", "train", "--config", str(SMOKE), "--set", f"data.root={FIXTURE_ROOT}",
@@ -251,6 +259,7 @@ def test_weight_decay_applies_to_weights_only(smoke_cfg: Config) -> None:
     assert "input_conv.bias" in plain and "out_norm.weight" in plain and "out_norm.bias" in plain
 
 
+@pytest.mark.slow
 def test_epochs_set_the_length(smoke_cfg: Config) -> None:
     cfg = apply_overrides(smoke_cfg, ["train.steps=0", "train.epochs=1", "data.limit=128", "train.sample_every=0"])
     run_dir = train_module.train(cfg)  # no hooks: no previews, and nothing else missing
@@ -258,6 +267,7 @@ def test_epochs_set_the_length(smoke_cfg: Config) -> None:
     assert not (run_dir / "samples").exists()
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_is_logged(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg, "train.eval_every=10", "train.eval_n=8", "train.sample_every=0")
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -267,6 +277,7 @@ def test_periodic_evaluation_is_logged(smoke_cfg: Config) -> None:
     assert all(e.value > 0 for e in events.Scalars("eval/fid_mnist"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the switches runtime.deterministic sets")
 def test_deterministic_runtime_switches_cuda_to_deterministic_kernels() -> None:
     """Without these, two CUDA runs (and so a run and its resumed copy) differ in the last bits:
