@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ddpm_mnist.errors import ConfigError
+from ddpm_mnist.sampler_names import SAMPLER_NAMES, max_steps
 
 
 def param(
@@ -150,7 +151,7 @@ class TrainConfig:
     preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
     preview_sampler: str = param(
         "ancestral", "sampler of preview grids and training metrics: ancestral | dpmpp_2m (DPM-Solver++) | "
-        "ddim (eta 0)", choices=("ancestral", "dpmpp_2m", "ddim"),
+        "ddim (eta 0)", choices=SAMPLER_NAMES,
     )
     preview_steps: int = param(
         50, "reverse steps of preview grids and training metrics (at most T, or T - 1 for dpmpp_2m)", ge=1
@@ -170,7 +171,7 @@ class SampleConfig:
     steps: int = param(0, "reverse steps (0: the full loop, T = schedule.num_timesteps steps)", ge=0)
     sampler: str = param(
         "ancestral", "ancestral (Ho et al.) | ddim (Song et al.) | dpmpp_2m (DPM-Solver++ 2M, Lu et al.)",
-        choices=("ancestral", "ddim", "dpmpp_2m"),
+        choices=SAMPLER_NAMES,
     )
     timestep_spacing: str = param(
         "leading", "timesteps of a run of fewer than T steps: leading | trailing | linspace (diffusers' names)",
@@ -225,8 +226,7 @@ class Config:
         """The reverse steps of preview grids: train.preview_steps, at most T (T - 1 for dpmpp_2m,
         whose steps skip timesteps by construction)."""
         T = self.schedule.num_timesteps
-        multistep = self.train.preview_sampler == "dpmpp_2m" and T > 1
-        return min(self.train.preview_steps, T - 1 if multistep else T)
+        return min(self.train.preview_steps, max(1, max_steps(self.train.preview_sampler, T)))
 
     @property
     def preview_sampler(self) -> str:
@@ -574,9 +574,9 @@ def _validate_lengths(cfg: Config, source: str) -> None:
             f"got steps={training.steps}, epochs={training.epochs} (to train by epochs, set steps: 0; "
             "for a time budget, train.time_budget)"
         )
-    if cfg.sample.sampler == "dpmpp_2m" and cfg.reverse_steps >= T:
+    if cfg.reverse_steps > max_steps(cfg.sample.sampler, T) and cfg.sample.steps <= T:
         raise ConfigError(
-            f"{source}: sample.steps: dpmpp_2m takes fewer than schedule.num_timesteps ({T}) steps, got "
+            f"{source}: sample.steps: {cfg.sample.sampler} takes fewer than schedule.num_timesteps ({T}) steps, got "
             f"{cfg.reverse_steps}{' (0: the full loop)' if cfg.sample.steps == 0 else ''}; 20 is a good start"
         )
     if cfg.sample.steps > T:

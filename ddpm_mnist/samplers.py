@@ -18,6 +18,7 @@ import torch
 
 from ddpm_mnist.config import SampleConfig
 from ddpm_mnist.diffusion import at, dpm_solver_timesteps, predict_eps, predict_x0, spaced_timesteps
+from ddpm_mnist.sampler_names import max_steps
 from ddpm_mnist.schedule import NoiseSchedule, respace
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)
@@ -161,7 +162,7 @@ class DPMSolverPP2M(Sampler):
         return x_prev
 
 
-SAMPLERS = {"ancestral": Ancestral, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}
+SAMPLERS = {"ancestral": Ancestral, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}  # one per sampler_names.SAMPLER_NAMES
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, prediction_type: str = "epsilon",
@@ -171,8 +172,8 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, predicti
     T = schedule.num_timesteps
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}")
-    if not 1 <= num_steps <= (T - 1 if name == "dpmpp_2m" else T):
-        raise ValueError(f"{name} takes 1 to {T - 1 if name == 'dpmpp_2m' else T} steps, got {num_steps}")
+    if not 1 <= num_steps <= max_steps(name, T):
+        raise ValueError(f"{name} takes 1 to {max_steps(name, T)} steps, got {num_steps}")
     if variance_type not in ("fixed_small", "fixed_large"):
         raise ValueError(f"unknown variance type {variance_type!r}")
     pick = dpm_solver_timesteps if name == "dpmpp_2m" else spaced_timesteps

@@ -382,3 +382,14 @@ def test_sample_help_shows_each_default(capsys, monkeypatch) -> None:
     assert code == 0
     assert "Number of images (default: sample.n, 64)" in out and "Reverse steps (default: sample.steps" in out
     assert not re.search(r"\w \.(\s|$)", out), out  # a word, a space, a full stop: a default was dropped
+
+
+def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
+    from ddpm_mnist.sampler_names import SAMPLER_NAMES, max_steps
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
+    schedule = make_schedule(ScheduleConfig(num_timesteps=10))
+    for name in SAMPLER_NAMES:
+        assert make_sampler(name, schedule, max_steps(name, 10)).num_steps == max_steps(name, 10)
+        with pytest.raises(ValueError, match=f"{name} takes 1 to {max_steps(name, 10)} steps"):
+            make_sampler(name, schedule, max_steps(name, 10) + 1)
