@@ -113,18 +113,40 @@ def classifier_metrics(
     }
 
 
-class TestSetMetrics:
-    """`classifier_metrics` of images against MNIST's test digits, with the classifier and the test
-    set's features computed once (for metrics during training)."""
+class Reference:
+    """What every measurement is made against, built once and shared by `ddpm eval`, `--sweep` and
+    the training metrics: the classifier, the features of MNIST's test digits, and the digits the
+    floor of real digits is drawn from (the training digits: None where no floor is needed)."""
 
-    def __init__(self, data_root: str | Path, download: bool, device: torch.device) -> None:
-        self.classifier = load_classifier(device=device)
+    def __init__(self, test_images: torch.Tensor, train_images: torch.Tensor | None = None,
+                 device: torch.device | None = None, classifier: MNISTClassifier | None = None) -> None:
+        self.classifier = classifier or load_classifier(device=device)
+        self.test_images, self.train_images = test_images, train_images
+        self.features, _ = classify(self.classifier, to_model_range(test_images))
+
+    @classmethod
+    def test_set(cls, data_root: str | Path, download: bool, device: torch.device) -> Reference:
+        """The reference of the training metrics: the test set alone, on the training device."""
         test_images, _ = load_mnist(data_root, train=False, download=download)
-        self.reference, _ = classify(self.classifier, to_model_range(test_images))
+        return cls(test_images, device=device)
 
-    def __call__(self, images: torch.Tensor) -> dict[str, Any]:
-        """Metrics of images (B, 1, 28, 28) in [-1, 1]."""
-        return classifier_metrics(self.classifier, to_uint8(images.cpu()), self.reference)
+    def metrics(self, images: torch.Tensor, asked: torch.Tensor | None = None) -> dict[str, Any]:
+        """`classifier_metrics` of uint8 images against the test digits."""
+        return classifier_metrics(self.classifier, images, self.features, asked)
+
+    def floor(self, n: int, seed: int, threshold: float | None = MEMORISATION_THRESHOLD) -> dict[str, Any]:
+        """The same metrics for n real digits: n training digits against the test set, and (unless
+        `threshold` is None) n test digits' memorisation against the training set (a training digit
+        is its own nearest neighbour)."""
+        real_train, real_test = floor_digits(self.train_images, self.test_images, n, seed)
+        if threshold is None:
+            return self.metrics(real_train)
+        return {**self.metrics(real_train), **memorisation_metrics(real_test, self.train_images, threshold)}
+
+
+def training_metrics(reference: Reference, images: torch.Tensor) -> dict[str, Any]:
+    """Metrics of images (B, 1, 28, 28) in [-1, 1], as training logs them."""
+    return reference.metrics(to_uint8(images.cpu()))
 
 
 def memorisation_metrics(images: torch.Tensor, train_images: torch.Tensor, threshold: float) -> dict[str, float]:
@@ -136,26 +158,16 @@ def memorisation_metrics(images: torch.Tensor, train_images: torch.Tensor, thres
     }
 
 
-def evaluate_images(
-    images: torch.Tensor, data_root: str | Path, *, download: bool = True, seed: int = 0,
-    threshold: float = MEMORISATION_THRESHOLD, classifier: MNISTClassifier | None = None,
-    digits: tuple[torch.Tensor, torch.Tensor] | None = None, asked: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Every metric for uint8 images (N, 1, 28, 28), and the floor of N real digits.
-
-    `digits`: MNIST's (training, test) images when the caller has read them already."""
+def evaluate_images(images: torch.Tensor, reference: Reference, *, seed: int = 0,
+                    threshold: float = MEMORISATION_THRESHOLD, asked: torch.Tensor | None = None) -> dict[str, Any]:
+    """Every metric for uint8 images (N, 1, 28, 28), and the floor of N real digits."""
     n = len(images)
-    train_images, test_images = digits or real_digits(data_root, download, n)
-    model = classifier or load_classifier()
-    reference_features, _ = classify(model, to_model_range(test_images))
-    real_train, real_test = floor_digits(train_images, test_images, n, seed)
     return {
         "n": n,
-        "samples": {**classifier_metrics(model, images, reference_features, asked),
-                    **memorisation_metrics(images, train_images, threshold)},
-        "floor": {**classifier_metrics(model, real_train, reference_features),
-                  **memorisation_metrics(real_test, train_images, threshold)},
-        "reference": f"{len(test_images)} MNIST test digits",
+        "samples": {**reference.metrics(images, asked), **memorisation_metrics(images, reference.train_images,
+                                                                              threshold)},
+        "floor": reference.floor(n, seed, threshold),
+        "reference": f"{len(reference.test_images)} MNIST test digits",
         "memorisation_threshold": threshold,
     }
 
@@ -167,14 +179,6 @@ def floor_digits(train_images: torch.Tensor, test_images: torch.Tensor, n: int, 
     real_train = train_images[torch.randperm(len(train_images), generator=g)[:n]]
     real_test = test_images[torch.randperm(len(test_images), generator=g)[:n]]
     return real_train, real_test
-
-
-def measure_floor(train_images: torch.Tensor, test_images: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
-    """The classifier, the test set's features, and the metrics of n real training digits."""
-    classifier = load_classifier()
-    reference, _ = classify(classifier, to_model_range(test_images))
-    real, _ = floor_digits(train_images, test_images, n, seed)  # the same floor as ddpm eval's
-    return {"reference": (classifier, reference), "metrics": classifier_metrics(classifier, real, reference)}
 
 
 def real_digits(data_root: str | Path, download: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +268,8 @@ def evaluate(
         digits = real_digits(root, download, len(images))
         source = {"samples": str(samples_path)}
     sampled = time.perf_counter() - started
-    report = evaluate_images(images, root, download=download, threshold=threshold, seed=options.get("seed") or 0,
-                             digits=digits, asked=asked)
+    reference = Reference(digits[1], digits[0])
+    report = evaluate_images(images, reference, threshold=threshold, seed=options.get("seed") or 0, asked=asked)
     report["source"] = source
     report["seconds"] = {"sampling": round(sampled, 1), "metrics": round(time.perf_counter() - started - sampled, 1)}
     print(format_report(report))

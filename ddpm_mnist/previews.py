@@ -17,7 +17,7 @@ from torch import nn
 
 from ddpm_mnist.config import Config
 from ddpm_mnist.device import Runtime
-from ddpm_mnist.evaluate import TestSetMetrics
+from ddpm_mnist.evaluate import Reference, training_metrics
 from ddpm_mnist.images import save_grid
 from ddpm_mnist.rng import EVAL_NOISE, PREVIEW_NOISE, derive_seed
 from ddpm_mnist.sample import NoiseSource, for_images, generate, reverse_sampler
@@ -62,12 +62,12 @@ class Metrics:
 
     def __init__(self, samples: EMASamples, cfg: Config) -> None:
         self.samples, self.cfg = samples, cfg
-        self._metrics: TestSetMetrics | None = None
+        self._reference: Reference | None = None
 
     def __call__(self, model: nn.Module, runtime: Runtime) -> dict[str, float]:
-        if self._metrics is None:
-            self._metrics = TestSetMetrics(self.cfg.data.root, self.cfg.data.download, runtime.device)
-        metrics = self._metrics(self.samples(model, runtime, EVAL_NOISE, self.cfg.train.eval_n))
+        if self._reference is None:
+            self._reference = Reference.test_set(self.cfg.data.root, self.cfg.data.download, runtime.device)
+        metrics = training_metrics(self._reference, self.samples(model, runtime, EVAL_NOISE, self.cfg.train.eval_n))
         return {key: metrics[key] for key in METRICS}
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.config import TIMESTEP_SPACINGS, Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.evaluate import classifier_metrics, evaluate, measure_floor, real_digits
+from ddpm_mnist.evaluate import Reference, evaluate, real_digits
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
 from ddpm_mnist.sample import Sampling, prepare_sampling, sampling_config
 
@@ -115,14 +115,16 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
     check_distinct_settings(settings, configs)
     first = configs[0]
     train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)
-    floor, rows = measure_floor(train_images, test_images, first.sample.n, options.get("seed") or 0), []
+    reference = Reference(test_images, train_images)
+    floor = reference.floor(first.sample.n, options.get("seed") or 0, threshold=None)  # the same floor as ddpm eval's
+    rows = []
     for setting in settings:  # one model at a time: a long sweep holds one setting's memory, not all of theirs
         run = prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name, contents=contents)
         run.check_memory(first.sample.n, first.sample.batch_size, images_kept=first.sample.n)
-        rows.append(measure(run, setting, floor["reference"]))
+        rows.append(measure(run, setting, reference))
         print(format_row(rows[-1]))
     report = {"n": first.sample.n, "seed": first.seed, "checkpoint": str(ckpt_path), "rows": rows,
-              "floor": {key: floor["metrics"][key] for key in COLUMNS}}
+              "floor": {key: floor[key] for key in COLUMNS}}
     guidance_sweep = all("guidance" in setting and set(setting) == {"guidance"} for setting in settings)
     print(format_table(report))
     if json_path is not None:
@@ -150,15 +152,14 @@ def check_distinct_settings(settings: list[dict[str, Any]], configs: list[Config
         seen[key] = label(setting)
 
 
-def measure(run: Sampling, setting: dict[str, Any], reference: Any) -> dict[str, Any]:
+def measure(run: Sampling, setting: dict[str, Any], reference: Reference) -> dict[str, Any]:
     """One row: sample n images with this setting, time it, measure them."""
-    classifier, features = reference
     s = run.cfg.sample
     started = time.perf_counter()
     images = run.images(s.n, run.cfg.seed, s.batch_size, desc=label(setting))
     seconds = time.perf_counter() - started
     asked = run.labels(s.n)
-    metrics = classifier_metrics(classifier, images, features, asked)
+    metrics = reference.metrics(images, asked)
     guided = {} if asked is None else {"guidance": s.guidance, "class_accuracy": metrics["class_accuracy"]}
     return {"setting": label(setting), "sampler": s.sampler, "steps": run.cfg.reverse_steps,
             "full_loop": run.cfg.reverse_steps == run.cfg.schedule.num_timesteps,

@@ -14,6 +14,7 @@ from conftest import FIXTURE_ROOT, run_cli
 from ddpm_mnist.classifier import classify, load_classifier
 from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
 from ddpm_mnist.evaluate import (
+    Reference,
     class_kl_from_uniform,
     evaluate_images,
     frechet_distance,
@@ -94,14 +95,16 @@ def test_nearest_distances_match_brute_force(test_digits) -> None:
 def test_report_has_the_floor_at_the_same_n(classifier, test_digits) -> None:
     images = test_digits[0][:40]
     noisy = to_uint8((to_model_range(images) + 0.8 * torch.randn(images.shape)).clamp(-1, 1))
-    report = evaluate_images(noisy, FIXTURE_ROOT, download=False, classifier=classifier)
+    train, test = (load_mnist(FIXTURE_ROOT, train=split, download=False)[0] for split in (True, False))
+    reference = Reference(test, train, classifier=classifier)
+    report = evaluate_images(noisy, reference)
     assert report["n"] == 40
     assert sum(report["samples"]["class_histogram"]) == sum(report["floor"]["class_histogram"]) == 40
     for key in ("fid_mnist", "inception_score", "confidence", "confident_share", "class_kl", "memorised_share"):
         assert key in report["samples"] and key in report["floor"]
     assert report["samples"]["fid_mnist"] > report["floor"]["fid_mnist"]  # noise is worse than real digits
     copies = load_mnist(FIXTURE_ROOT, train=True, download=False)[0][:40]
-    assert evaluate_images(copies, FIXTURE_ROOT, download=False)["samples"]["memorised_share"] == 1.0
+    assert evaluate_images(copies, reference)["samples"]["memorised_share"] == 1.0
 
 
 @pytest.mark.slow
