@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from ddpm_mnist.config import Config, apply_overrides, dump_yaml, load_config
+from ddpm_mnist.config import Config, SampleRequest, apply_overrides, dump_yaml, load_config
 from ddpm_mnist.errors import Stopped, Terminated, UserError
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -138,9 +138,9 @@ def sample(
     """Sample images from a checkpoint with the reverse process (1000 ancestral steps by default)."""
     from ddpm_mnist.sample_files import sample_from_checkpoint
 
-    options = {"n": n, "steps": steps, "seed": seed, "batch_size": batch_size, "sampler": sampler, "eta": eta,
-               "use_ema": ema, "digits": _digits(digit, digits), "guidance": guidance}
-    sample_from_checkpoint(ckpt, options=options, device_name=device, out=out, images_dir=images_dir,
+    request = SampleRequest(n=n, steps=steps, seed=seed, batch_size=batch_size, sampler=sampler, eta=eta,
+                            use_ema=ema, digits=_digits(digit, digits), guidance=guidance)
+    sample_from_checkpoint(ckpt, request=request, device_name=device, out=out, images_dir=images_dir,
                            tensor_path=tensor, trajectory=trajectory, overrides=set_)
 
 
@@ -175,8 +175,8 @@ def eval_(
     """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
     from ddpm_mnist.sweep import evaluate_or_sweep
 
-    options = {"n": n, "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size}
-    evaluate_or_sweep(ckpt, samples, sweep_text=sweep, guidance_text=guidance, plot_path=plot, options=options,
+    request = SampleRequest(n=n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size)
+    evaluate_or_sweep(ckpt, samples, sweep_text=sweep, guidance_text=guidance, plot_path=plot, request=request,
                       device_name=device, data_root=data, json_path=json_path, overrides=set_)
 
 
@@ -200,7 +200,7 @@ def export(
     typer.echo(describe(files, started))
 
 
-def _digits(digit: int | None, digits: str | None) -> list[int] | None:
+def _digits(digit: int | None, digits: str | None) -> tuple[int, ...] | None:
     """--digit 7 or --digits 0,3,8 as a list of digits (None: neither given)."""
     if digit is not None and digits is not None:
         raise UserError("--digit and --digits contradict each other: give one")
@@ -211,7 +211,7 @@ def _digits(digit: int | None, digits: str | None) -> list[int] | None:
     for item in items:
         if len(item) != 1 or item not in "0123456789":  # str.isdigit() takes '²' and '⑦' too, int() does not
             raise UserError(f"{flag} {text}: each must be a digit 0 to 9, got {item!r}")
-    return [int(item) for item in items]
+    return tuple(int(item) for item in items)
 
 
 def main(argv: list[str] | None = None) -> None:

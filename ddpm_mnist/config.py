@@ -685,19 +685,43 @@ def _replace_length(train: dict[str, Any], given: set[str]) -> str:
     return f"--set train.{chosen[0]}={train[chosen[0]]} replaces the config's {', '.join(dropped)}"
 
 
-def with_sample_options(cfg: Config, *, seed: int | None = None, **sample: Any) -> Config:
-    """The config with typed sample-time options (None: keep the config's value), validated."""
-    chosen = {key: value for key, value in sample.items() if value is not None}
+@dataclass(frozen=True)
+class SampleRequest:
+    """Sample-time settings asked for on the command line (None keeps the checkpoint's value): typed,
+    from the CLI to the sampler, `--sweep` settings included."""
+
+    n: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+    sampler: str | None = None
+    timestep_spacing: str | None = None
+    eta: float | None = None
+    use_ema: bool | None = None
+    digits: tuple[int, ...] | None = None
+    guidance: float | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The settings asked for, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def merged(self, other: SampleRequest) -> SampleRequest:
+        """This request with what `other` asks for on top (a sweep's setting over the command line's)."""
+        return dataclasses.replace(self, **other.given())
+
+
+def with_sample_options(cfg: Config, request: SampleRequest) -> Config:
+    """The config with a request's sample-time settings (None: keep the config's value), validated."""
     raw = to_dict(cfg)
-    for key, value in chosen.items():
-        field_ = next((f for f in dataclasses.fields(SampleConfig) if f.name == key), None)
-        if field_ is None:
-            raise TypeError(f"unknown sample option {key!r}")  # a bug in the caller, not input
+    fields = {f.name: f for f in dataclasses.fields(SampleConfig)}
+    for key, value in request.given().items():
+        if key == "seed":
+            raw["seed"] = _coerce(value, int, "seed", {f.name: f for f in dataclasses.fields(Config)}["seed"].metadata,
+                                  "--seed")
+            continue
+        value = list(value) if isinstance(value, tuple) else value
         raw["sample"][key] = _coerce(value, typing.get_type_hints(SampleConfig)[key], f"sample.{key}",
-                                     field_.metadata, f"--{key.replace('_', '-')}")
-    if seed is not None:
-        raw["seed"] = _coerce(seed, int, "seed", {f.name: f for f in dataclasses.fields(Config)}["seed"].metadata,
-                              "--seed")
+                                     fields[key].metadata, f"--{key.replace('_', '-')}")
     return config_from_dict(raw, "the sample options")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ddpm_mnist.classifier import MNISTClassifier, classify, load_classifier
+from ddpm_mnist.config import SampleRequest
 from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import load_samples_and_labels
@@ -225,7 +226,7 @@ def evaluate(
     ckpt_path: Path | None = None,
     samples_path: Path | None = None,
     *,
-    options: dict[str, Any] | None = None,
+    request: SampleRequest | None = None,
     device_name: str | None = None,
     data_root: str | None = None,
     json_path: Path | None = None,
@@ -234,10 +235,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """`ddpm eval`: sample from a checkpoint (or read a samples file), measure, print, write JSON.
 
-    `options` are the typed sample-time settings (n, steps, sampler, seed, batch_size). Every
+    `request` holds the sample-time settings asked for (n, steps, sampler, seed, batch_size). Every
     argument, the size of the floor included, is checked before any sampling starts.
     """
-    options = options or {}
+    request = request or SampleRequest()
     if (ckpt_path is None) == (samples_path is None):
         raise UserError("give one of --ckpt (sample, then measure) or --samples (measure a file from ddpm sample)")
     if json_path is not None:
@@ -247,7 +248,7 @@ def evaluate(
     if ckpt_path is not None:
         from ddpm_mnist.sample import prepare_sampling  # sampling only when there is a checkpoint to sample
 
-        run = prepare_sampling(ckpt_path, options, overrides, device_name)
+        run = prepare_sampling(ckpt_path, request, overrides, device_name)
         s, root, download = run.cfg.sample, data_root or run.cfg.data.root, run.cfg.data.download
         digits = real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
         print(f"sampling {s.n} images to evaluate: {run.note}")
@@ -259,7 +260,7 @@ def evaluate(
             source |= {"digits": list(s.digits) or "0-9 in turn", "guidance": s.guidance}
     else:
         images, asked = load_samples_and_labels(samples_path)
-        n = options.get("n")
+        n = request.n
         if n is not None:
             if n < 2 or n > len(images):  # a Frechet distance needs two images at least
                 raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
@@ -269,7 +270,7 @@ def evaluate(
         source = {"samples": str(samples_path)}
     sampled = time.perf_counter() - started
     reference = Reference(digits[1], digits[0])
-    report = evaluate_images(images, reference, threshold=threshold, seed=options.get("seed") or 0, asked=asked)
+    report = evaluate_images(images, reference, threshold=threshold, seed=request.seed or 0, asked=asked)
     report["source"] = source
     report["seconds"] = {"sampling": round(sampled, 1), "metrics": round(time.perf_counter() - started - sampled, 1)}
     print(format_report(report))

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ddpm_mnist import checkpoint as ckpt
-from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, apply_overrides, with_sample_options
+from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, SampleRequest, apply_overrides, with_sample_options
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
 from ddpm_mnist.errors import UserError
@@ -274,13 +274,13 @@ def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: 
     return batch_size * per_image + 2 * images_kept * 28 * 28
 
 
-def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: list[str] | None = None,
+def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[str] | None = None,
                      device_name: str | None = None, *, contents: dict[str, Any] | None = None) -> Sampling:
-    """Load a checkpoint (safely; `contents` when the caller has loaded it), apply the sample-time
-    options and `--set` overrides to its config (`sampling_config`), and build the model (EMA or
-    raw weights per `sample.use_ema`) and the reverse sampler per the `sample` section."""
+    """Load a checkpoint (safely; `contents` when the caller has loaded it), apply the request and
+    the `--set` overrides to its config (`sampling_config`), and build the model (EMA or raw weights
+    per `sample.use_ema`) and the reverse sampler per the `sample` section."""
     state = contents if contents is not None else ckpt.load_checkpoint(ckpt_path)
-    cfg = sampling_config(state, ckpt_path, cfg_options, overrides)
+    cfg = sampling_config(state, ckpt_path, request, overrides)
     s = cfg.sample
     runtime = setup_runtime(cfg.runtime, device_name)
     model = ckpt.load_model(state, cfg, ckpt_path, s.use_ema)
@@ -300,12 +300,12 @@ def prepare_sampling(ckpt_path: Path, cfg_options: dict[str, Any], overrides: li
 
 
 
-def sampling_config(state: dict[str, Any], ckpt_path: Path, cfg_options: dict[str, Any],
+def sampling_config(state: dict[str, Any], ckpt_path: Path, request: SampleRequest,
                     overrides: list[str] | None) -> Config:
-    """The checkpoint's config with the typed sample-time options (flags) and `--set` overrides
-    (sample.*, runtime.* and seed only), checked; a setting that would be ignored is refused."""
+    """The checkpoint's config with the request (flags) and `--set` overrides (sample.*, runtime.*
+    and seed only), checked; a setting that would be ignored is refused."""
     stored = ckpt.checkpoint_config(state, ckpt_path)
-    given = {key: f"--{key.replace('_', '-')}" for key, value in cfg_options.items() if value is not None}
+    given = {key: f"--{key.replace('_', '-')}" for key in request.given()}
     given["digits"] = "--digit/--digits" if "digits" in given else None
     for item in overrides or []:
         key = item.partition("=")[0].strip()
@@ -315,7 +315,7 @@ def sampling_config(state: dict[str, Any], ckpt_path: Path, cfg_options: dict[st
             raise UserError(f"{given[key]}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
                             "digits and guidance need one trained with model.num_classes: 10")
     cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS)
-    cfg = with_sample_options(cfg, **cfg_options)
+    cfg = with_sample_options(cfg, request)
     if given.get("eta") and cfg.sample.sampler != "ddim":
         raise UserError(f"{given['eta']}: eta is DDIM's; the {cfg.sample.sampler} sampler has none "
                         "(give --sampler ddim, or leave eta out)")

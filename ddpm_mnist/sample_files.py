@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ddpm_mnist.config import Config
+from ddpm_mnist.config import Config, SampleRequest
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import Stopped, UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
@@ -27,7 +27,7 @@ GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --
 def sample_from_checkpoint(
     ckpt_path: Path,
     *,
-    options: dict[str, Any] | None = None,
+    request: SampleRequest | None = None,
     device_name: str | None = None,
     out: Path | None = None,
     images_dir: Path | None = None,
@@ -37,16 +37,15 @@ def sample_from_checkpoint(
 ) -> Path:
     """Sample images from a checkpoint and write them; return the grid's path.
 
-    `options` are typed sample-time settings (n, steps, seed, batch_size, sampler, eta, use_ema;
-    None keeps the checkpoint's value). Same checkpoint, seed and options give the same images,
-    byte for byte, on the same machine, whatever the batch size. Every argument is checked before
-    any sampling starts.
+    `request` holds the sample-time settings asked for (None keeps the checkpoint's value). The
+    same checkpoint, seed and request give the same images, byte for byte, on the same machine,
+    whatever the batch size. Every argument is checked before any sampling starts.
     """
     for path, option, suffixes in ((out, "--out", (".png",)), (tensor_path, "--tensor", (".pt", ".npz")),
                                    (trajectory, "--trajectory", (".gif",))):
         if path is not None:
             check_suffix(path, option, suffixes)
-    run = prepare_sampling(ckpt_path, options or {}, overrides, device_name)
+    run = prepare_sampling(ckpt_path, request or SampleRequest(), overrides, device_name)
     s = run.cfg.sample
     out = out or default_grid_path(ckpt_path, run.cfg)
     check_outputs(ckpt_path, out, images_dir, tensor_path, trajectory)

@@ -13,6 +13,7 @@ real digits beside them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm_mnist.checkpoint import load_checkpoint
-from ddpm_mnist.config import TIMESTEP_SPACINGS, Config
+from ddpm_mnist.config import TIMESTEP_SPACINGS, Config, SampleRequest
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.evaluate import Reference, evaluate, real_digits
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
@@ -31,8 +32,8 @@ COLUMNS = ("fid_mnist", "confidence", "class_kl")
 MAX_SETTINGS = 64
 
 
-def parse_sweep(text: str) -> list[dict[str, Any]]:
-    """`ancestral:1000,dpmpp_2m:20:trailing` -> [{"sampler": ..., "steps": ...[, "timestep_spacing": ...]}]."""
+def parse_sweep(text: str) -> list[SampleRequest]:
+    """`ancestral:1000,dpmpp_2m:20:trailing` -> one request each (sampler, steps[, timestep_spacing])."""
     settings = []
     for item in text.split(","):
         parts = item.strip().split(":")
@@ -40,13 +41,13 @@ def parse_sweep(text: str) -> list[dict[str, Any]]:
                 or int(parts[1]) < 1:
             raise UserError(f"--sweep {text}: each setting is sampler:steps or sampler:steps:spacing "
                             f"with steps >= 1 (e.g. dpmpp_2m:20:trailing), got {item.strip()!r}")
-        setting: dict[str, Any] = {"sampler": parts[0], "steps": int(parts[1])}
+        spacing = None
         if len(parts) == 3:
             if parts[2] not in TIMESTEP_SPACINGS:
                 raise UserError(f"--sweep {item.strip()}: the spacing must be one of {', '.join(TIMESTEP_SPACINGS)}")
-            setting["timestep_spacing"] = parts[2]
-        settings.append(setting)
-    if len({json.dumps(s, sort_keys=True) for s in settings}) != len(settings):
+            spacing = parts[2]
+        settings.append(SampleRequest(sampler=parts[0], steps=int(parts[1]), timestep_spacing=spacing))
+    if len(set(settings)) != len(settings):
         raise UserError(f"--sweep {text}: a setting is given twice")
     return settings
 
@@ -67,39 +68,38 @@ def parse_guidance(text: str) -> list[float]:
     return weights
 
 
-def label(setting: dict[str, Any]) -> str:
+def label(setting: SampleRequest) -> str:
     """The setting as written on the command line: `dpmpp_2m:20:trailing`, `W=3`, or both."""
-    sampler = ":".join(str(v) for v in (setting.get("sampler"), setting.get("steps"), setting.get("timestep_spacing"))
-                       if v)
-    weight = f"W={setting['guidance']:g}" if "guidance" in setting else ""
+    sampler = ":".join(str(v) for v in (setting.sampler, setting.steps, setting.timestep_spacing) if v)
+    weight = f"W={setting.guidance:g}" if setting.guidance is not None else ""
     return " ".join(part for part in (sampler, weight) if part)
 
 
 def evaluate_or_sweep(ckpt_path: Path | None, samples_path: Path | None, *, sweep_text: str | None,
-                      guidance_text: str | None, plot_path: Path | None, options: dict[str, Any],
+                      guidance_text: str | None, plot_path: Path | None, request: SampleRequest,
                       device_name: str | None, data_root: str | None, json_path: Path | None,
                       overrides: list[str] | None) -> dict[str, Any]:
     """`ddpm eval`: one evaluation, or a sweep when --sweep, --plot or several --guidance weights ask for one."""
     weights = parse_guidance(guidance_text) if guidance_text is not None else []
-    options = {**options, "guidance": weights[0] if len(weights) == 1 else None}
+    request = dataclasses.replace(request, guidance=weights[0] if len(weights) == 1 else None)
     if sweep_text is None and plot_path is None and len(weights) < 2:
-        return evaluate(ckpt_path, samples_path, options=options, device_name=device_name, data_root=data_root,
+        return evaluate(ckpt_path, samples_path, request=request, device_name=device_name, data_root=data_root,
                         json_path=json_path, overrides=overrides)
-    own_sampler = sweep_text is not None and (options.get("steps") is not None or options.get("sampler") is not None)
+    own_sampler = sweep_text is not None and (request.steps is not None or request.sampler is not None)
     if ckpt_path is None or samples_path is not None or own_sampler:
         raise UserError("--sweep, --plot and several --guidance weights sample from --ckpt; with --sweep each "
                         "setting has its own sampler and steps: give --ckpt, not --samples, --steps or --sampler")
     if sweep_text is None and len(weights) < 2:
         raise UserError("--plot draws a sweep: give --ckpt and --sweep sampler:steps,... (or several --guidance "
                         "weights)")
-    settings = parse_sweep(sweep_text) if sweep_text is not None else [{}]
+    settings = parse_sweep(sweep_text) if sweep_text is not None else [SampleRequest()]
     if len(weights) > 1:
-        settings = [{**setting, "guidance": w} for setting in settings for w in weights]
-    return sweep(ckpt_path, settings, options=options, device_name=device_name, data_root=data_root,
+        settings = [dataclasses.replace(setting, guidance=w) for setting in settings for w in weights]
+    return sweep(ckpt_path, settings, request=request, device_name=device_name, data_root=data_root,
                  json_path=json_path, plot_path=plot_path, overrides=overrides)
 
 
-def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
+def sweep(ckpt_path: Path, settings: list[SampleRequest], *, request: SampleRequest | None = None,
           device_name: str | None = None, data_root: str | None = None, json_path: Path | None = None,
           plot_path: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Sample and measure every setting from the same seeds; print the table; write JSON and a plot."""
@@ -107,25 +107,25 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
         if path is not None:
             ensure_writable(check_suffix(path, option, suffixes))
     check_paths({"--json": json_path, "--plot": plot_path}, inputs={"--ckpt": ckpt_path})
-    options = options or {}
+    request = request or SampleRequest()
     if len(settings) > MAX_SETTINGS:
         raise UserError(f"--sweep: {len(settings)} settings; a sweep compares at most {MAX_SETTINGS}")
     contents = load_checkpoint(ckpt_path)
-    configs = [sampling_config(contents, ckpt_path, {**options, **setting}, overrides) for setting in settings]
+    configs = [sampling_config(contents, ckpt_path, request.merged(setting), overrides) for setting in settings]
     check_distinct_settings(settings, configs)
     first = configs[0]
     train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)
     reference = Reference(test_images, train_images)
-    floor = reference.floor(first.sample.n, options.get("seed") or 0, threshold=None)  # the same floor as ddpm eval's
+    floor = reference.floor(first.sample.n, request.seed or 0, threshold=None)  # the same floor as ddpm eval's
     rows = []
     for setting in settings:  # one model at a time: a long sweep holds one setting's memory, not all of theirs
-        run = prepare_sampling(ckpt_path, {**options, **setting}, overrides, device_name, contents=contents)
+        run = prepare_sampling(ckpt_path, request.merged(setting), overrides, device_name, contents=contents)
         run.check_memory(first.sample.n, first.sample.batch_size, images_kept=first.sample.n)
         rows.append(measure(run, setting, reference))
         print(format_row(rows[-1]))
     report = {"n": first.sample.n, "seed": first.seed, "checkpoint": str(ckpt_path), "rows": rows,
               "floor": {key: floor[key] for key in COLUMNS}}
-    guidance_sweep = all("guidance" in setting and set(setting) == {"guidance"} for setting in settings)
+    guidance_sweep = all(set(setting.given()) == {"guidance"} for setting in settings)
     print(format_table(report))
     if json_path is not None:
         write_text(json_path, json.dumps(report, indent=2) + "\n")
@@ -139,7 +139,7 @@ def sweep(ckpt_path: Path, settings: list[dict[str, Any]], *, options: dict[str,
     return report
 
 
-def check_distinct_settings(settings: list[dict[str, Any]], configs: list[Config]) -> None:
+def check_distinct_settings(settings: list[SampleRequest], configs: list[Config]) -> None:
     """Refuse two settings that sample the same images (ddim:2 and ddim:2:leading, when leading is the default)."""
     seen: dict[tuple, str] = {}
     for setting, cfg in zip(settings, configs, strict=True):
@@ -152,7 +152,7 @@ def check_distinct_settings(settings: list[dict[str, Any]], configs: list[Config
         seen[key] = label(setting)
 
 
-def measure(run: Sampling, setting: dict[str, Any], reference: Reference) -> dict[str, Any]:
+def measure(run: Sampling, setting: SampleRequest, reference: Reference) -> dict[str, Any]:
     """One row: sample n images with this setting, time it, measure them."""
     s = run.cfg.sample
     started = time.perf_counter()

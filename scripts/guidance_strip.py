@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.config import SampleRequest
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import save_grid
@@ -37,15 +38,15 @@ def main() -> int:
         ensure_writable(check_suffix(args.out, "--out", (".png",)))
         check_paths({"--out": args.out}, inputs={"--ckpt": args.ckpt})
         contents = load_checkpoint(args.ckpt)
-        options = [{"guidance": weight, "n": 10, "seed": args.seed, "sampler": args.sampler, "steps": args.steps}
+        options = [SampleRequest(guidance=weight, n=10, seed=args.seed, sampler=args.sampler, steps=args.steps)
                    for weight in parse_guidance(args.guidance)]
         for option in options:  # every weight is checked before the first row is sampled
             sampling_config(contents, args.ckpt, option, None)
         rows = []
         for option in options:
             run = prepare_sampling(args.ckpt, option, contents=contents)
-            rows.append(run.images(10, run.cfg.seed, 10, desc=f"W={option['guidance']:g}"))
-            print(f"W = {option['guidance']:g}: {run.note}")
+            rows.append(run.images(10, run.cfg.seed, 10, desc=f"W={option.guidance:g}"))
+            print(f"W = {option.guidance:g}: {run.note}")
         save_grid(to_model_range(torch.cat(rows)), args.out, nrow=10)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

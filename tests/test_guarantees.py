@@ -21,7 +21,7 @@ from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import digest, one_line_error, smoke_run, weights
 
 from ddpm_mnist.checkpoint import load_checkpoint
-from ddpm_mnist.config import Config, config_from_dict, load_config
+from ddpm_mnist.config import Config, SampleRequest, config_from_dict, load_config
 from ddpm_mnist.data import MNIST_FILES, known_sets, load_mnist
 from ddpm_mnist.errors import ConfigError, DataError, RunError
 from ddpm_mnist.paths import atomic_file, temporary_name
@@ -266,7 +266,7 @@ def test_6_images_stream_to_their_files_batch_by_batch(trained_run: Path, tmp_pa
 
     monkeypatch.setattr(sample_files, "save_each", recording)
     sample_files.sample_from_checkpoint(trained_run / "checkpoints" / "latest.pt",
-                                        options={"n": 10, "steps": 2, "batch_size": 4},
+                                        request=SampleRequest(n=10, steps=2, batch_size=4),
                                         out=tmp_path / "g.png", images_dir=tmp_path / "each")
     assert calls == [(0, 4), (4, 4), (8, 2)]
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"{k:06d}.png" for k in range(10)]

@@ -14,7 +14,7 @@ from conftest import FIXTURE_ROOT, SMOKE, run_cli
 from helpers import digest, step_at
 from PIL import Image
 
-from ddpm_mnist.config import ScheduleConfig
+from ddpm_mnist.config import SampleRequest, ScheduleConfig
 from ddpm_mnist.diffusion import spaced_timesteps
 from ddpm_mnist.images import load_samples
 from ddpm_mnist.sample_files import sample_from_checkpoint
@@ -132,7 +132,7 @@ def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, 
     ckpt = trained_run / "checkpoints" / "latest.pt"
 
     def run(name: str, **options: object) -> Path:
-        return sample_from_checkpoint(ckpt, options={"steps": 20, **options}, out=tmp_path / f"{name}.png",
+        return sample_from_checkpoint(ckpt, request=SampleRequest(steps=20, **options), out=tmp_path / f"{name}.png",
                                       tensor_path=tmp_path / f"{name}.pt")
 
     a = run("a", n=6, seed=1, batch_size=6)
@@ -327,9 +327,9 @@ def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained
     config["train"].update({key: runtime[key] for key in ("device", "mixed_precision")})
     old = tmp_path / "old.pt"
     torch.save({**state, "format_version": 1, "config": config}, old)
-    new_images = sample_from_checkpoint(trained_run / "checkpoints" / "latest.pt", options={"n": 3, "steps": 5},
+    new_images = sample_from_checkpoint(trained_run / "checkpoints" / "latest.pt", request=SampleRequest(n=3, steps=5),
                                         out=tmp_path / "new.png")
-    old_images = sample_from_checkpoint(old, options={"n": 3, "steps": 5}, out=tmp_path / "old.png")
+    old_images = sample_from_checkpoint(old, request=SampleRequest(n=3, steps=5), out=tmp_path / "old.png")
     assert digest(new_images) == digest(old_images)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
