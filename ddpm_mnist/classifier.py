@@ -3,7 +3,7 @@
 Inception-based FID needs weights from the internet and is known to say little on MNIST, so, as
 the FID authors suggest for MNIST, the features come from an MNIST classifier of this project's
 own. Its weights ship in the package (`assets/mnist_classifier.pt`, 0.4 MB); they were made by
-`python scripts/train_classifier.py` (seeded; six minutes on a 2-core CPU) and reach >= 99% on the
+`python scripts/train_classifier.py` (seeded) and reach >= 99% on the
 MNIST test set.
 """
 

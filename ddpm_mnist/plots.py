@@ -1,4 +1,5 @@
-"""Figures: the schedule plot (beta, alpha-bar and sigma against t) and the trajectory strip."""
+"""Figures: the schedule plot (beta, alpha-bar and sigma against t), the sampler and guidance sweeps,
+and the trajectory strip."""
 
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int
     if training.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(training.ema_decay, training.ema_warmup), use_buffers=True)
-    # fused: one kernel for all parameters (on this project's 2-core CPU, 4 ms a step against 17 ms)
+    # fused: one kernel for all parameters, on CPU too (a fraction of the step time of the loop over them)
     optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr, betas=(0.9, 0.999),
                                   fused=runtime.device.type in ("cuda", "cpu"))
     generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, TRAIN_NOISE, rank))
