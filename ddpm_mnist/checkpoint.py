@@ -29,9 +29,9 @@ from ddpm_mnist import checkpoint_checks as checks
 from ddpm_mnist import diffusers_format
 from ddpm_mnist.config import Config, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError
+from ddpm_mnist.maths.unet import UNet
 from ddpm_mnist.paths import atomic_file, check_input_file, fsync_folder, record_written, temporary_name
 from ddpm_mnist.trainstate import TrainState, parameter_groups
-from ddpm_mnist.unet import UNet
 
 FORMAT = "ddpm-mnist-checkpoint"
 FORMAT_VERSION = 2

@@ -31,8 +31,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from ddpm_mnist.config import Config, ModelConfig, ScheduleConfig, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError, UserError
+from ddpm_mnist.maths.unet import UNet
 from ddpm_mnist.paths import atomic_file
-from ddpm_mnist.unet import UNet
 
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers the folder is written for (the dev extra's lower bound)
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -18,8 +18,8 @@ from typing import Any
 from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist import diffusers_format
 from ddpm_mnist.errors import UserError
+from ddpm_mnist.maths.schedule import make_schedule
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
-from ddpm_mnist.schedule import make_schedule
 
 FORMATS = ("diffusers", "safetensors")
 

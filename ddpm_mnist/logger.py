@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from ddpm_mnist.config import Config, dump_yaml, to_dict
 from ddpm_mnist.errors import RunError
+from ddpm_mnist.maths.schedule import NoiseSchedule
+from ddpm_mnist.maths.unet import count_parameters
 from ddpm_mnist.paths import record_written
-from ddpm_mnist.schedule import NoiseSchedule
-from ddpm_mnist.unet import count_parameters
 
 if TYPE_CHECKING:  # an annotation only: train.py hands the logger its budget
     from ddpm_mnist.trainstate import StepBudget

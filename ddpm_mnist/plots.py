@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ddpm_mnist.maths.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.paths import atomic_file  # noqa: E402
-from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
 
 
 def schedule_figure(schedules: dict[str, NoiseSchedule]) -> Figure:

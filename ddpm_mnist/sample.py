@@ -23,9 +23,9 @@ from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, SampleReque
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
 from ddpm_mnist.errors import UserError
+from ddpm_mnist.maths.samplers import Sampler, Step, sampler_for
+from ddpm_mnist.maths.schedule import make_schedule
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
-from ddpm_mnist.samplers import Sampler, Step, sampler_for
-from ddpm_mnist.schedule import make_schedule
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 

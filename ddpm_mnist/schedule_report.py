@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
+
+import numpy as np
 
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
-from ddpm_mnist.schedule import NoiseSchedule, make_schedule, summary_rows, write_csv
+from ddpm_mnist.maths.schedule import NoiseSchedule, make_schedule, summary_rows
+from ddpm_mnist.paths import atomic_file, check_paths, check_suffix, ensure_writable
 
 
 def describe_schedule(label: str, cfg: Config, schedule: NoiseSchedule) -> str:
@@ -57,3 +60,27 @@ def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: 
             raise UserError(f"cannot write {plot}: {exc.strerror or exc}") from None
         text.append(f"wrote {plot}")
     return "\n".join(text)
+
+
+# Columns of `ddpm schedule --csv`: the first four are fixed, the rest may grow.
+CSV_COLUMNS = {
+    "t": None,
+    "beta": "betas",
+    "alpha_bar": "alphas_cumprod",
+    "sigma": "sigmas",
+    "alpha": "alphas",
+    "sqrt_alpha_bar": "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alpha_bar": "sqrt_one_minus_alphas_cumprod",
+    "posterior_variance": "posterior_variance",
+    "snr": "snr",
+}
+
+
+def write_csv(schedule: NoiseSchedule, path: Path) -> None:
+    """One row per timestep, numbers at full float32 precision (shortest round-tripping form)."""
+    columns = [getattr(schedule, attr).numpy() for attr in CSV_COLUMNS.values() if attr]
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for t in range(schedule.num_timesteps):
+            writer.writerow([t, *(np.format_float_positional(c[t], unique=True, trim="-") for c in columns)])

@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.device import Runtime, autocast, setup_runtime
-from ddpm_mnist.diffusion import training_losses
 from ddpm_mnist.distributed import (
     Dist,
     StopFlag,
@@ -37,6 +36,7 @@ from ddpm_mnist.distributed import (
 )
 from ddpm_mnist.errors import RunError, Stopped
 from ddpm_mnist.logger import Interval, TrainLogger
+from ddpm_mnist.maths.diffusion import training_losses
 from ddpm_mnist.runfolder import RunFolder
 from ddpm_mnist.trainstate import (
     StepBudget,
@@ -50,7 +50,7 @@ from ddpm_mnist.trainstate import (
 if TYPE_CHECKING:  # names in annotations only: the config, and train_step's arguments built by setup_training
     from ddpm_mnist.config import Config
     from ddpm_mnist.data import EpochBatches
-    from ddpm_mnist.schedule import NoiseSchedule
+    from ddpm_mnist.maths.schedule import NoiseSchedule
 
 
 @dataclass

@@ -21,9 +21,9 @@ from torch.optim.swa_utils import AveragedModel
 from ddpm_mnist.config import Config, TrainConfig, duration_seconds
 from ddpm_mnist.data import EpochBatches, load_mnist
 from ddpm_mnist.device import Runtime
+from ddpm_mnist.maths.schedule import NoiseSchedule, make_schedule
+from ddpm_mnist.maths.unet import UNet
 from ddpm_mnist.rng import MODEL_INIT, TRAIN_NOISE, derive_seed
-from ddpm_mnist.schedule import NoiseSchedule, make_schedule
-from ddpm_mnist.unet import UNet
 
 
 @dataclasses.dataclass

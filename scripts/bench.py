@@ -45,13 +45,13 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ddpm_mnist.config import Config, load_config  # noqa: E402
 from ddpm_mnist.device import Runtime, autocast, cpu_has_native_bf16, setup_runtime  # noqa: E402
-from ddpm_mnist.diffusion import training_losses  # noqa: E402
 from ddpm_mnist.errors import UserError  # noqa: E402
+from ddpm_mnist.maths.diffusion import training_losses  # noqa: E402
+from ddpm_mnist.maths.samplers import Sampler, make_sampler  # noqa: E402
+from ddpm_mnist.maths.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text  # noqa: E402
 from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
 from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
-from ddpm_mnist.samplers import Sampler, make_sampler  # noqa: E402
-from ddpm_mnist.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.train import train_step  # noqa: E402
 from ddpm_mnist.trainstate import TrainState, setup_training  # noqa: E402
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ddpm_mnist.checkpoint import checkpoint_config, load_checkpoint, load_model
 from ddpm_mnist.config import Config, load_config
-from ddpm_mnist.schedule import make_schedule
+from ddpm_mnist.maths.schedule import make_schedule
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (the dev extra) checks the exported folder")
 pytestmark = pytest.mark.slow

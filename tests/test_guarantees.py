@@ -289,7 +289,7 @@ def test_7_a_checkpoint_with_one_nan_bias_is_refused(trained_run: Path, tmp_path
 
 @pytest.mark.slow
 def test_7_non_finite_images_stop_sampling(trained_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from ddpm_mnist.unet import UNet
+    from ddpm_mnist.maths.unet import UNet
 
     real = UNet.forward
     monkeypatch.setattr(UNet, "forward", lambda self, x, t: real(self, x, t) * float("inf"))

@@ -9,8 +9,8 @@ from torch import nn
 
 import ddpm_mnist.train as train_module
 from ddpm_mnist.config import Config, ScheduleConfig
-from ddpm_mnist.diffusion import min_snr_weights, predict_x0, training_losses
-from ddpm_mnist.schedule import make_schedule
+from ddpm_mnist.maths.diffusion import min_snr_weights, predict_x0, training_losses
+from ddpm_mnist.maths.schedule import make_schedule
 
 PREDICTIONS = ("epsilon", "v", "x0")
 

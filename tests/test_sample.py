@@ -15,11 +15,11 @@ from helpers import digest, step_at
 from PIL import Image
 
 from ddpm_mnist.config import SampleRequest, ScheduleConfig
-from ddpm_mnist.diffusion import spaced_timesteps
 from ddpm_mnist.images import load_samples
+from ddpm_mnist.maths.diffusion import spaced_timesteps
+from ddpm_mnist.maths.samplers import SAMPLERS, make_sampler
+from ddpm_mnist.maths.schedule import make_betas, make_schedule
 from ddpm_mnist.sample_files import sample_from_checkpoint
-from ddpm_mnist.samplers import SAMPLERS, make_sampler
-from ddpm_mnist.schedule import make_betas, make_schedule
 
 PREDICTIONS = ["epsilon", "v", "x0"]
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -244,9 +244,9 @@ def test_unpickling_error_from_plain_pickle_is_reported(tmp_path: Path, capsys) 
 def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ddpm_mnist.config import ModelConfig
     from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
     from ddpm_mnist.rng import SAMPLE_NOISE
     from ddpm_mnist.sample import NoiseSource, generate
-    from ddpm_mnist.unet import UNet
 
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[14],
@@ -301,7 +301,7 @@ def test_x0_hat_at_the_cosine_schedules_last_step_does_not_cancel(prediction: st
 
 
 def test_a_respaced_schedule_keeps_the_originals_noise_levels() -> None:
-    from ddpm_mnist.schedule import respace
+    from ddpm_mnist.maths.schedule import respace
 
     schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
     kept = sorted(spaced_timesteps(1000, 37))
@@ -345,9 +345,9 @@ def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained
 def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
     from ddpm_mnist.config import load_config
     from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
     from ddpm_mnist.previews import EMASamples
     from ddpm_mnist.rng import PREVIEW_NOISE
-    from ddpm_mnist.unet import UNet
 
     cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"train.preview_sampler={sampler}", "train.preview_steps=7"])
     torch.manual_seed(0)
@@ -385,7 +385,7 @@ def test_sample_help_shows_each_default(capsys, monkeypatch) -> None:
 
 
 def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
-    from ddpm_mnist.sampler_names import SAMPLER_NAMES, max_steps
+    from ddpm_mnist.maths.sampler_names import SAMPLER_NAMES, max_steps
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES
     schedule = make_schedule(ScheduleConfig(num_timesteps=10))

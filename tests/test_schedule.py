@@ -11,8 +11,9 @@ import torch
 from conftest import run_cli
 
 from ddpm_mnist.config import ScheduleConfig
-from ddpm_mnist.diffusion import add_noise
-from ddpm_mnist.schedule import CSV_COLUMNS, make_betas, make_schedule, rescale_zero_terminal_snr
+from ddpm_mnist.maths.diffusion import add_noise
+from ddpm_mnist.maths.schedule import make_betas, make_schedule, rescale_zero_terminal_snr
+from ddpm_mnist.schedule_report import CSV_COLUMNS
 
 DIFFUSERS_NAMES = {
     "linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"

@@ -18,9 +18,9 @@ from conftest import FIXTURE_ROOT, SMOKE, run_cli
 from helpers import step_at
 
 from ddpm_mnist.config import ScheduleConfig, load_config
-from ddpm_mnist.diffusion import spaced_timesteps
-from ddpm_mnist.samplers import make_sampler
-from ddpm_mnist.schedule import make_betas, make_schedule
+from ddpm_mnist.maths.diffusion import spaced_timesteps
+from ddpm_mnist.maths.samplers import make_sampler
+from ddpm_mnist.maths.schedule import make_betas, make_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -178,7 +178,7 @@ DPM_KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "sq
 @pytest.mark.parametrize("T", [50, 100, 1000])
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_dpm_solver_timesteps_are_diffusers(T: int, spacing: str) -> None:
-    from ddpm_mnist.diffusion import dpm_solver_timesteps
+    from ddpm_mnist.maths.diffusion import dpm_solver_timesteps
 
     for steps in sorted({1, 2, 3, 7, 13, T // 3, T // 2, T - 1}):
         theirs = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing=spacing)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpm_mnist.config import ModelConfig
-from ddpm_mnist.unet import UNet, count_parameters, timestep_embedding
+from ddpm_mnist.maths.unet import UNet, count_parameters, timestep_embedding
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_mnist.schedule import NoiseSchedule
+from ddpm_mnist.maths.schedule import NoiseSchedule
 
 
 def at(values: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:

@@ -10,16 +10,12 @@ so that the same settings give the same numbers in both tools.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from ddpm_mnist.config import ScheduleConfig
-from ddpm_mnist.paths import atomic_file
 
 
 def make_betas(
@@ -146,27 +142,3 @@ def summary_rows(schedule: NoiseSchedule, points: int = 6) -> list[dict[str, flo
         }
         for t in ts
     ]
-
-
-# Columns of `ddpm schedule --csv`: the first four are fixed, the rest may grow.
-CSV_COLUMNS = {
-    "t": None,
-    "beta": "betas",
-    "alpha_bar": "alphas_cumprod",
-    "sigma": "sigmas",
-    "alpha": "alphas",
-    "sqrt_alpha_bar": "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alpha_bar": "sqrt_one_minus_alphas_cumprod",
-    "posterior_variance": "posterior_variance",
-    "snr": "snr",
-}
-
-
-def write_csv(schedule: NoiseSchedule, path: Path) -> None:
-    """One row per timestep, numbers at full float32 precision (shortest round-tripping form)."""
-    columns = [getattr(schedule, attr).numpy() for attr in CSV_COLUMNS.values() if attr]
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for t in range(schedule.num_timesteps):
-            writer.writerow([t, *(np.format_float_positional(c[t], unique=True, trim="-") for c in columns)])
