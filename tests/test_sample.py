@@ -385,7 +385,7 @@ def test_sample_help_shows_each_default(capsys, monkeypatch) -> None:
 
 
 def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
-    from ddpm_mnist.maths.sampler_names import SAMPLER_NAMES, max_steps
+    from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, max_steps
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES
     schedule = make_schedule(ScheduleConfig(num_timesteps=10))

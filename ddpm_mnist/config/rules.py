@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
+from ddpm_mnist.config.sampler_names import max_steps
 from ddpm_mnist.config.schema import IMAGE_SIZE, Config, ModelConfig
 from ddpm_mnist.config.yaml_io import describe_value
 from ddpm_mnist.errors import ConfigError
-from ddpm_mnist.maths.sampler_names import max_steps
 
 
 def validate(cfg: Config, source: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddpm_mnist.maths.sampler_names import SAMPLER_NAMES, max_steps
+from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, max_steps
 
 
 def param(

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ddpm_mnist.config import SampleConfig
+from ddpm_mnist.config.sampler_names import max_steps
 from ddpm_mnist.maths.diffusion import at, dpm_solver_timesteps, predict_eps, predict_x0, spaced_timesteps
-from ddpm_mnist.maths.sampler_names import max_steps
 from ddpm_mnist.maths.schedule import NoiseSchedule, respace
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)

@@ -1,6 +1,6 @@
 """The samplers' names and how many steps each takes: the one place that knows them.
 
-Config validation reads it without importing torch; `samplers.SAMPLERS` holds one class per name.
+Config validation reads it without importing torch; `maths.samplers.SAMPLERS` holds one class per name.
 """
 
 from __future__ import annotations
