@@ -98,22 +98,8 @@ def test_ancestral_loops_agree_with_diffusers(case: int) -> None:
 def ddim_reference(schedule_cfg: ScheduleConfig, timesteps: list[int], prediction: str, clip: bool, x: torch.Tensor,
                    T: int) -> torch.Tensor:
     """DDIM with eta = 0, Eq. (12), in float64 on the timesteps visited (the next one, or abar = 1 at the end)."""
-    b = make_betas(schedule_cfg.beta_schedule, T, schedule_cfg.beta_start, schedule_cfg.beta_end)
-    abar = torch.cumprod(1 - b.float().double(), 0)  # from the float32 betas, as both tools store them
-    x = x.double()
-    for i, t in enumerate(timesteps):
-        out = model(x.float(), t, T).double()
-        a, a_prev = abar[t], (abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, dtype=x.dtype))
-        if prediction == "epsilon":
-            x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
-        elif prediction == "v":
-            x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
-        else:
-            x0, eps = out, (x - a.sqrt() * out) / (1 - a).sqrt()
-        if clip:
-            x0 = x0.clamp(-1, 1)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x
+    no_noise = [torch.zeros_like(x)] * len(timesteps)
+    return ddim_eta_reference(schedule_cfg, timesteps, prediction, clip, 0.0, x, no_noise, T)
 
 
 @pytest.mark.parametrize("case", range(24))
