@@ -125,8 +125,7 @@ class TrainLogger:
 
         yaml_text = "\n".join("    " + line for line in dump_yaml(cfg).splitlines())
         self.writer.add_text("config", yaml_text, 0)
-        self.writer.add_text("model", f"U-Net with {n_params:,} parameters", 0)
-        self.writer.add_scalar("model/parameters", n_params, 0)
+        self.writer.add_text("model", f"U-Net with {n_params:,} parameters", 0)  # a text: one value, not a curve
         self.writer.add_figure("schedule", schedule_figure({cfg.schedule.beta_schedule: schedule.to("cpu")}), 0)
 
     def interval(self, interval: Interval, step: int, lr: float, ema_decay: float, skipped: int | None) -> None:
@@ -187,11 +186,12 @@ class TrainLogger:
             elapsed, budget = self.budget.elapsed(), self.budget.seconds
             spent = f" in {clock(elapsed)} of a {clock(budget)} budget ({100 * (elapsed / budget - 1):+.1f}%)"
         print(f"done: {step:,} steps{spent}, last loss {self.last_loss:.4f}; checkpoint {latest}")
-        experiment, start, end = hparams(hparams_of(cfg), {"hparam/final_loss": self.last_loss})
+        # the HParams tab's metric is the loss curve itself (its last value): no one-point scalar card
+        # of its own, which TensorBoard's Time Series would sort above the training curves
+        experiment, start, end = hparams(hparams_of(cfg), {"train/loss": self.last_loss})
         file_writer = self.writer._get_file_writer()  # the documented add_hparams does this on a new writer
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)
-        self.writer.add_scalar("hparam/final_loss", self.last_loss, step)
 
 
 def length(cfg: Config, total: int, steps_per_epoch: int) -> str:

@@ -293,3 +293,20 @@ def test_deterministic_runtime_switches_cuda_to_deterministic_kernels() -> None:
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_are_curves_and_single_values_are_text_or_hparams(trained_run: Path) -> None:
+    """TensorBoard's Time Series sorts groups by name: a one-point `hparam/` or `model/` card sorted
+    above the training curves a user came to watch."""
+    events = EventAccumulator(str(trained_run))
+    events.Reload()
+    tags = events.Tags()
+    assert tags["scalars"] and all(tag.startswith(("train/", "eval/")) for tag in tags["scalars"]), tags["scalars"]
+    assert all(len(events.Scalars(tag)) > 1 for tag in tags["scalars"])  # curves, not single points
+    assert {"config", "model"} <= {tag.split("/")[0] for tag in tags["tensors"]}  # the texts
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["train/loss"]
