@@ -126,7 +126,8 @@ class TrainLogger:
         yaml_text = "\n".join("    " + line for line in dump_yaml(cfg).splitlines())
         self.writer.add_text("config", yaml_text, 0)
         self.writer.add_text("model", f"U-Net with {n_params:,} parameters", 0)  # a text: one value, not a curve
-        self.writer.add_figure("schedule", schedule_figure({cfg.schedule.beta_schedule: schedule.to("cpu")}), 0)
+        figure = schedule_figure({cfg.schedule.beta_schedule: schedule.to("cpu")})
+        self.writer.add_figure("train_setup/schedule", figure, 0)  # a group name after "train": see train.PREVIEW_TAG
 
     def interval(self, interval: Interval, step: int, lr: float, ema_decay: float, skipped: int | None) -> None:
         """Read the interval back (the one host sync of a log point), write scalars, update the bar."""

@@ -53,6 +53,11 @@ if TYPE_CHECKING:  # names in annotations only: the config, and train_step's arg
     from ddpm_mnist.maths.schedule import NoiseSchedule
 
 
+# TensorBoard's Time Series lists tag groups by name and opens the first ones: the training curves
+# ("train/...") come first, the preview grids after them
+PREVIEW_TAG = "train_samples/ema"
+
+
 @dataclass
 class Hooks:
     """What the loop calls when due, with the EMA model (in eval mode) and the runtime. Built by the
@@ -267,7 +272,7 @@ def save(state: TrainState, cfg: Config, ddp: Dist, runtime: Runtime, folder: Ru
 def preview(hooks: Hooks, state: TrainState, runtime: Runtime, ddp: Dist, log: TrainLogger, step: int) -> None:
     """Rank 0 asks the preview hook for a grid of EMA samples and shows it in TensorBoard."""
     if hooks.preview is not None and ddp.is_main:
-        log.image("samples/ema", hooks.preview(state.ema.module.eval(), runtime, step), step)
+        log.image(PREVIEW_TAG, hooks.preview(state.ema.module.eval(), runtime, step), step)
 
 
 def measure(hooks: Hooks, state: TrainState, runtime: Runtime, ddp: Dist, log: TrainLogger, step: int) -> None:

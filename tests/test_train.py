@@ -63,8 +63,8 @@ def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> N
                 "train/loss_t_quarter1", "train/loss_t_quarter4"):
         assert tag in scalars, tag
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
-    assert "samples/ema" in events.Tags()["images"] and "schedule" in events.Tags()["images"]
-    assert [e.step for e in events.Images("samples/ema")] == [10, 20]
+    assert "train_samples/ema" in events.Tags()["images"] and "train_setup/schedule" in events.Tags()["images"]
+    assert [e.step for e in events.Images("train_samples/ema")] == [10, 20]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000000010.png", "step_000000020.png"]
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses[-1] < losses[0]  # it learns, even in 20 steps
@@ -297,14 +297,16 @@ def test_deterministic_runtime_switches_cuda_to_deterministic_kernels() -> None:
 
 @pytest.mark.slow
 def test_tensorboard_scalars_are_curves_and_single_values_are_text_or_hparams(trained_run: Path) -> None:
-    """TensorBoard's Time Series sorts groups by name: a one-point `hparam/` or `model/` card sorted
-    above the training curves a user came to watch."""
+    """TensorBoard's Time Series lists groups by name and opens the first: a one-point `hparam/` or
+    `model/` card, or the image groups `samples` and `schedule`, sorted above the training curves."""
     events = EventAccumulator(str(trained_run))
     events.Reload()
     tags = events.Tags()
     assert tags["scalars"] and all(tag.startswith(("train/", "eval/")) for tag in tags["scalars"]), tags["scalars"]
     assert all(len(events.Scalars(tag)) > 1 for tag in tags["scalars"])  # curves, not single points
     assert {"config", "model"} <= {tag.split("/")[0] for tag in tags["tensors"]}  # the texts
+    groups = sorted({tag.split("/")[0] for kind in ("scalars", "images") for tag in tags[kind]})
+    assert groups[0] == "train", groups  # the first group the page shows, open
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
