@@ -246,28 +246,9 @@ def evaluate(
         check_paths({"--json": json_path}, inputs={"--ckpt": ckpt_path, "--samples": samples_path})
     started = time.perf_counter()
     if ckpt_path is not None:
-        from ddpm_mnist.sample import prepare_sampling  # sampling only when there is a checkpoint to sample
-
-        run = prepare_sampling(ckpt_path, request, overrides, device_name)
-        s, root, download = run.cfg.sample, data_root or run.cfg.data.root, run.cfg.data.download
-        digits = real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
-        print(f"sampling {s.n} images to evaluate: {run.note}")
-        images, asked = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval"), run.labels(s.n)
-        source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": run.cfg.reverse_steps,
-                  "timestep_spacing": s.timestep_spacing,
-                  "seed": run.cfg.seed, "use_ema": s.use_ema}
-        if asked is not None:
-            source |= {"digits": list(s.digits) or "0-9 in turn", "guidance": s.guidance}
+        images, asked, digits, source = sampled_images(ckpt_path, request, overrides, device_name, data_root)
     else:
-        images, asked = load_samples_and_labels(samples_path)
-        n = request.n
-        if n is not None:
-            if n < 2 or n > len(images):  # a Frechet distance needs two images at least
-                raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
-            images, asked = images[:n], None if asked is None else asked[:n]
-        root, download = data_root or "data", True
-        digits = real_digits(root, download, len(images))
-        source = {"samples": str(samples_path)}
+        images, asked, digits, source = file_images(samples_path, request, data_root)
     sampled = time.perf_counter() - started
     reference = Reference(digits[1], digits[0])
     report = evaluate_images(images, reference, threshold=threshold, seed=request.seed or 0, asked=asked)
@@ -278,3 +259,34 @@ def evaluate(
         write_text(json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")
     return report
+
+
+def sampled_images(ckpt_path: Path, request: SampleRequest, overrides: list[str] | None, device_name: str | None,
+                   data_root: str | None) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, Any]]:
+    """Sample the images to measure from a checkpoint: (images, asked digits, MNIST, source)."""
+    from ddpm_mnist.sample import prepare_sampling  # sampling only when there is a checkpoint to sample
+
+    run = prepare_sampling(ckpt_path, request, overrides, device_name)
+    s, root, download = run.cfg.sample, data_root or run.cfg.data.root, run.cfg.data.download
+    digits = real_digits(root, download, s.n)  # the floor fits, before minutes of sampling
+    print(f"sampling {s.n} images to evaluate: {run.note}")
+    images, asked = run.images(s.n, run.cfg.seed, s.batch_size, desc="eval"), run.labels(s.n)
+    source = {"checkpoint": str(ckpt_path), "step": run.step, "sampler": s.sampler, "steps": run.cfg.reverse_steps,
+              "timestep_spacing": s.timestep_spacing, "seed": run.cfg.seed, "use_ema": s.use_ema}
+    if asked is not None:
+        source |= {"digits": list(s.digits) or "0-9 in turn", "guidance": s.guidance}
+    return images, asked, digits, source
+
+
+def file_images(samples_path: Path, request: SampleRequest, data_root: str | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, Any]]:
+    """The images to measure from a samples file (its first --n): (images, asked digits, MNIST, source)."""
+    images, asked = load_samples_and_labels(samples_path)
+    n = request.n
+    if n is not None:
+        if n < 2 or n > len(images):  # a Frechet distance needs two images at least
+            raise UserError(f"--n {n}: {samples_path} holds {len(images)} images; give 2..{len(images)}")
+        images, asked = images[:n], None if asked is None else asked[:n]
+    digits = real_digits(data_root or "data", True, len(images))
+    return images, asked, digits, {"samples": str(samples_path)}
+

@@ -82,6 +82,7 @@ class TrainLogger:
         self, run_dir: Path, name: str, start_step: int, total_steps: int | None, images_per_step: int, enabled: bool
     ) -> None:
         self.images_per_step = images_per_step  # this process's batch, for images/s
+        self.start_step = start_step  # 0 for a new run
         self.writer: SummaryWriter | None = None
         if enabled:
             before = set(run_dir.glob(EVENTS))
@@ -117,8 +118,9 @@ class TrainLogger:
               + (f", resuming at step {start:,}" if start else ""))
 
     def run_start(self, cfg: Config, schedule: NoiseSchedule, model: torch.nn.Module) -> None:
-        """The config as text, the parameter count, and the schedule plot."""
-        if self.writer is None:
+        """The config as text, the parameter count, and the schedule plot: once, when the run starts
+        at step 0 (a resumed run has them already)."""
+        if self.writer is None or self.start_step:
             return
         n_params = count_parameters(model)
         from ddpm_mnist.plots import schedule_figure

@@ -19,7 +19,7 @@ from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import Stopped, UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
-from ddpm_mnist.sample import prepare_sampling
+from ddpm_mnist.sample import Sampling, prepare_sampling
 
 GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --tensor take every image
 
@@ -41,10 +41,7 @@ def sample_from_checkpoint(
     same checkpoint, seed and request give the same images, byte for byte, on the same machine,
     whatever the batch size. Every argument is checked before any sampling starts.
     """
-    for path, option, suffixes in ((out, "--out", (".png",)), (tensor_path, "--tensor", (".pt", ".npz")),
-                                   (trajectory, "--trajectory", (".gif",))):
-        if path is not None:
-            check_suffix(path, option, suffixes)
+    check_suffixes(out, tensor_path, trajectory)  # before loading anything
     run = prepare_sampling(ckpt_path, request or SampleRequest(), overrides, device_name)
     s = run.cfg.sample
     out = out or default_grid_path(ckpt_path, run.cfg)
@@ -53,25 +50,10 @@ def sample_from_checkpoint(
     recorder = TrajectoryRecorder(run.reverse, min(TRAJECTORY_IMAGES, s.n)) if trajectory else None
     print(f"sampling {s.n} images: {run.note}")
     started = time.perf_counter()
-    grid, kept, done = [], [], 0
-    on_step = recorder.on_step if recorder is not None else None
-    try:
-        for first, batch in run.batches(s.n, run.cfg.seed, s.batch_size, on_step=on_step):
-            if images_dir is not None:
-                write_output(images_dir, save_each, batch, images_dir, first)
-            done = first + len(batch)
-            grid.append(batch[: max(0, GRID_MAX - first)])
-            if tensor_path is not None:
-                kept.append(batch)
-    except KeyboardInterrupt as interrupt:
-        written = f"the first {done:,} images are in {images_dir}; " if images_dir is not None and done else ""
-        raise Stopped.after(interrupt, f"{written}{out} was not written") from None
+    grid, kept = stream(run, images_dir, tensor_path is not None, out, recorder)
     elapsed = time.perf_counter() - started
-    nrow = 10 if run.cfg.model.num_classes and not s.digits else None  # a column per digit, 0 to 9
-    write_output(out, save_grid, to_model_range(torch.cat(grid)), out, nrow)
-    written = [out]
-    if images_dir is not None:
-        written.append(images_dir)
+    write_output(out, save_grid, to_model_range(torch.cat(grid)), out, grid_columns(run.cfg))
+    written = [out] if images_dir is None else [out, images_dir]
     if tensor_path is not None:
         written.append(write_output(tensor_path, save_tensor, torch.cat(kept), tensor_path, run.labels(s.n)))
     if recorder is not None:
@@ -81,6 +63,39 @@ def sample_from_checkpoint(
     print(f"sampled {s.n} images in {elapsed:.1f} s ({rate:.0f} image-steps/s){shown}: "
           + ", ".join(str(p) for p in written))
     return out
+
+
+def stream(run: Sampling, images_dir: Path | None, keep_all: bool, out: Path,
+           recorder: TrajectoryRecorder | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Sample batch by batch, each batch to `images_dir` as soon as it is made; return the grid's
+    images (its first GRID_MAX) and, with `keep_all`, every batch. Ctrl-C says what was kept."""
+    s, grid, kept, done = run.cfg.sample, [], [], 0
+    on_step = recorder.on_step if recorder is not None else None
+    try:
+        for first, batch in run.batches(s.n, run.cfg.seed, s.batch_size, on_step=on_step):
+            if images_dir is not None:
+                write_output(images_dir, save_each, batch, images_dir, first)
+            done = first + len(batch)
+            grid.append(batch[: max(0, GRID_MAX - first)])
+            if keep_all:
+                kept.append(batch)
+    except KeyboardInterrupt as interrupt:
+        written = f"the first {done:,} images are in {images_dir}; " if images_dir is not None and done else ""
+        raise Stopped.after(interrupt, f"{written}{out} was not written") from None
+    return grid, kept
+
+
+def grid_columns(cfg: Config) -> int | None:
+    """10 columns for a conditional model drawing 0 to 9 in turn (a column per digit); else the default."""
+    return 10 if cfg.model.num_classes and not cfg.sample.digits else None
+
+
+def check_suffixes(out: Path | None, tensor_path: Path | None, trajectory: Path | None) -> None:
+    """Each output's extension matches what is written into it."""
+    for path, option, suffixes in ((out, "--out", (".png",)), (tensor_path, "--tensor", (".pt", ".npz")),
+                                   (trajectory, "--trajectory", (".gif",))):
+        if path is not None:
+            check_suffix(path, option, suffixes)
 
 
 def check_outputs(ckpt_path: Path, out: Path, images_dir: Path | None, tensor_path: Path | None,

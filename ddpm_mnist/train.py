@@ -48,7 +48,7 @@ from ddpm_mnist.trainstate import (
 )
 
 if TYPE_CHECKING:  # names in annotations only: the config, and train_step's arguments built by setup_training
-    from ddpm_mnist.config import Config
+    from ddpm_mnist.config import Config, TrainConfig
     from ddpm_mnist.data import EpochBatches
     from ddpm_mnist.maths.schedule import NoiseSchedule
 
@@ -98,44 +98,25 @@ def train(
 def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
               resume_from: tuple[Path, dict[str, Any]] | None, hooks: Hooks, change_world_size: bool) -> Path:
     """Set up, then step until train.steps: the loop of Algorithm 1 with its logs, previews and checkpoints."""
-    cfg = length_from_checkpoint(cfg, resume_from, ddp.is_main)
-    training = cfg.train
-    batches, schedule, total, state = setup_training(cfg, runtime, ddp.rank, ddp.world_size)
-    if resume_from is not None:
-        path, contents = resume_from
-        check_resume_world_size(contents.get("world_size", 1), ddp, training.batch_size, len(batches.images),
-                                change_world_size)
-        ckpt.restore_train_state(state, contents, path, ddp.rank, ddp.world_size)
+    cfg, batches, schedule, total, state = setup_state(cfg, ddp, runtime, resume_from, change_world_size)
     if state.step >= total:
-        if ddp.is_main:
-            print(f"{folder.path} is already at step {state.step:,} of {total:,}: nothing to train (raise train.steps)")
-        return folder.path
-    forward = wrap_for_training(state.model, ddp, runtime, training.compile)
+        return say_nothing_to_train(folder, state.step, total, ddp)
+    training, forward = cfg.train, wrap_for_training(state.model, ddp, runtime, cfg.train.compile)
     on_main(ddp, functools.partial(folder.write_config, cfg))
-    bar_total = None if training.time_budget else total
-    with TrainLogger(folder.path, cfg.name, state.step, bar_total, training.batch_size, ddp.is_main) as log, \
-            StopFlag(ddp) as stop:
+    with TrainLogger(folder.path, cfg.name, state.step, None if training.time_budget else total, training.batch_size,
+                     ddp.is_main) as log, StopFlag(ddp) as stop:
         log.describe(cfg, state.model, len(batches.images), ddp.world_size, batches.steps_per_epoch, total,
                      state.step, runtime.device, runtime.precision_note)
-        if state.step == 0:
-            log.run_start(cfg, schedule, state.model)
+        log.run_start(cfg, schedule, state.model)  # once, at step 0: not again on resume
         interval = Interval(runtime.device, state.step)
-        budget = StepBudget(training, state.step) if training.time_budget else None
-        log.budget = budget
+        log.budget = budget = StepBudget(training, state.step) if training.time_budget else None
         while state.step < total:
             interval.add(*train_step(state, forward, schedule, batches, cfg, runtime), schedule.num_timesteps)
             step, stop_now = state.step, stop.agreed()
             if budget is not None and budget.due(step):
-                fixed = gather(ddp, budget.reading(step, runtime.device))[0]  # rank 0's clock decides
-                if fixed is not None:
-                    budget.stop_reading()
-                    cfg, total = fix_length(cfg, state, fixed, folder, ddp, log), fixed
+                cfg, total = read_budget(budget, cfg, total, state, folder, ddp, log, runtime)
             if due(step, training.log_every, total):
-                interval.check_finite(training.nan_policy, step, folder.path)
-                log.interval(interval, step, state.optimizer.param_groups[0]["lr"],
-                             ema_decay_at(step, training.ema_decay, training.ema_warmup),
-                             state.skipped if training.nan_policy == "skip" else None)
-                interval = Interval(runtime.device, step)
+                interval = log_interval(log, interval, state, training, folder, runtime)
             if training.sample_every and step % training.sample_every == 0 and step != total:
                 preview(hooks, state, runtime, ddp, log, step)
                 interval.started = time.perf_counter()
@@ -154,6 +135,48 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
         check_replicas(ddp, state.model)
         log.run_end(cfg, total, folder.checkpoints / ckpt.LATEST)
     return folder.path
+
+
+def say_nothing_to_train(folder: RunFolder, step: int, total: int, ddp: Dist) -> Path:
+    """A resumed run already at its length: say so (rank 0) and return its folder."""
+    if ddp.is_main:
+        print(f"{folder.path} is already at step {step:,} of {total:,}: nothing to train (raise train.steps)")
+    return folder.path
+
+
+def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: tuple[Path, dict[str, Any]] | None,
+                change_world_size: bool) -> tuple[Config, EpochBatches, NoiseSchedule, int, TrainState]:
+    """The run's config (its length from the checkpoint on resume), data, schedule, length and state,
+    restored from the checkpoint when resuming."""
+    cfg = length_from_checkpoint(cfg, resume_from, ddp.is_main)
+    batches, schedule, total, state = setup_training(cfg, runtime, ddp.rank, ddp.world_size)
+    if resume_from is not None:
+        path, contents = resume_from
+        check_resume_world_size(contents.get("world_size", 1), ddp, cfg.train.batch_size, len(batches.images),
+                                change_world_size)
+        ckpt.restore_train_state(state, contents, path, ddp.rank, ddp.world_size)
+    return cfg, batches, schedule, total, state
+
+
+def read_budget(budget: StepBudget, cfg: Config, total: int, state: TrainState, folder: RunFolder, ddp: Dist,
+                log: TrainLogger, runtime: Runtime) -> tuple[Config, int]:
+    """A due reading of a time budget; once it fixes the length, the config and length that follow from it."""
+    fixed = gather(ddp, budget.reading(state.step, runtime.device))[0]  # rank 0's clock decides
+    if fixed is None:
+        return cfg, total
+    budget.stop_reading()
+    return fix_length(cfg, state, fixed, folder, ddp, log), fixed
+
+
+def log_interval(log: TrainLogger, interval: Interval, state: TrainState, training: TrainConfig, folder: RunFolder,
+                 runtime: Runtime) -> Interval:
+    """Check and log the interval that ends at this step; return the next one."""
+    step = state.step
+    interval.check_finite(training.nan_policy, step, folder.path)
+    log.interval(interval, step, state.optimizer.param_groups[0]["lr"],
+                 ema_decay_at(step, training.ema_decay, training.ema_warmup),
+                 state.skipped if training.nan_policy == "skip" else None)
+    return Interval(runtime.device, step)
 
 
 def length_from_checkpoint(cfg: Config, resume_from: tuple[Path, dict[str, Any]] | None, say: bool) -> Config:

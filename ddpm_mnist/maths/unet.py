@@ -129,7 +129,18 @@ class UNet(nn.Module):
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, time_dim) if cfg.num_classes else None
         self.input_conv = nn.Conv2d(in_channels, base, 3, padding=1)
 
-        # Down: each level's blocks, then a Downsample except after the last level.
+        skip_chs, ch, resolution = self._build_down(cfg, time_dim, image_size)
+        self.mid_block1 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
+        self.mid_attention = AttentionBlock(ch, cfg.num_heads, cfg.num_groups)
+        self.mid_block2 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
+        ch = self._build_up(cfg, time_dim, skip_chs, ch, resolution)
+        self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
+        self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def _build_down(self, cfg: ModelConfig, time_dim: int, image_size: int) -> tuple[list[int], int, int]:
+        """Down: each level's blocks, then a Downsample except after the last level. Returns the
+        channels of every skip (in the order they are pushed), the width and the resolution at the bottom."""
+        base = cfg.base_channels
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skip_chs, ch, resolution = [base], base, image_size
@@ -143,16 +154,15 @@ class UNet(nn.Module):
                 self.downsample.append(Downsample(ch))
                 skip_chs.append(ch)
                 resolution //= 2
+        return skip_chs, ch, resolution
 
-        self.mid_block1 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
-        self.mid_attention = AttentionBlock(ch, cfg.num_heads, cfg.num_groups)
-        self.mid_block2 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
-
-        # Up: num_res_blocks + 1 blocks per level, each taking one skip; Upsample between levels.
+    def _build_up(self, cfg: ModelConfig, time_dim: int, skip_chs: list[int], ch: int, resolution: int) -> int:
+        """Up: num_res_blocks + 1 blocks per level, each taking one skip; Upsample between levels.
+        Returns the width at the top."""
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            out_ch = base * mult
+            out_ch = cfg.base_channels * mult
             in_chs = []
             for _ in range(cfg.num_res_blocks + 1):
                 in_chs.append(ch + skip_chs.pop())
@@ -161,9 +171,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.upsample.append(Upsample(ch))
                 resolution *= 2
-
-        self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
-        self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        return ch
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, 1, 28, 28), t: (B,) timesteps, class_labels: (B,) digits, or num_classes for
