@@ -145,7 +145,7 @@ def weights_contents(cfg: Config, weights: dict[str, torch.Tensor], step: int) -
     """Checkpoint contents for weights without a training state (an exported file or folder): they
     sample and evaluate like a checkpoint, and cannot resume."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step,
-            "model": weights, "ema": weights, "weights_only": True}
+            "model": weights, "ema": weights}
 
 
 def _check_contents(state: dict[str, Any], cfg: Config) -> None:

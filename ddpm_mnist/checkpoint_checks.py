@@ -195,10 +195,7 @@ def check_optimizer(saved: Any, groups: list[list[torch.Tensor]], field: str = "
             raise ValueError(f"{where}: no parameter has this index")
         if not isinstance(entry, dict) or set(entry) != {"step", *ADAMW_MOMENTS}:
             raise ValueError(f"{where}: must hold exactly step, exp_avg and exp_avg_sq")
-        step = entry["step"]
-        if not isinstance(step, torch.Tensor) or step.dim() != 0:
-            raise ValueError(f"{where}.step: must be a one-element tensor")
-        check_tensor(step, f"{where}.step", step.dtype if step.is_floating_point() else torch.float32)
+        step = check_tensor(entry["step"], f"{where}.step", torch.float32, ())  # AdamW's step count
         if not math.isfinite(float(step)) or float(step) < 0:
             raise ValueError(f"{where}.step: must be finite and >= 0, got {float(step)!r}")
         for moment in ADAMW_MOMENTS:

@@ -94,8 +94,7 @@ def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
     return where, (info.st_dev, info.st_ino)
 
 
-def check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None] | None = None,
-                folders: dict[str, Path | None] | None = None) -> None:
+def check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None] | None = None) -> None:
     """Refuse, before any work, an output (a file, or a folder such as --images-dir) that is an input
     or another output, by name or by inode. Keys are option names, for the message."""
     inputs = {option: path for option, path in (inputs or {}).items() if path is not None}
@@ -105,7 +104,7 @@ def check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None] 
             if key is not None:
                 read[key] = option
     written: dict[object, str] = {}
-    for option, path in {**outputs, **(folders or {})}.items():
+    for option, path in outputs.items():
         if path is None:
             continue
         for key in _identity(path):

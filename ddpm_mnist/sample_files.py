@@ -102,8 +102,8 @@ def check_outputs(ckpt_path: Path, out: Path, images_dir: Path | None, tensor_pa
                   trajectory: Path | None) -> None:
     """Before sampling: no output is the checkpoint or another output, and each can be written."""
     check_paths({"--out": out, "--tensor": tensor_path, "--trajectory": trajectory,
-                 "--trajectory's strip": strip_path(trajectory) if trajectory else None},
-                inputs={"--ckpt": ckpt_path}, folders={"--images-dir": images_dir})
+                 "--trajectory's strip": strip_path(trajectory) if trajectory else None, "--images-dir": images_dir},
+                inputs={"--ckpt": ckpt_path})
     for path in (out, tensor_path, trajectory):
         if path is not None:
             ensure_writable(path)

@@ -19,7 +19,7 @@ import torch
 from ddpm_mnist.config import SampleConfig
 from ddpm_mnist.config.sampler_names import max_steps
 from ddpm_mnist.maths.diffusion import at, dpm_solver_timesteps, predict_eps, predict_x0, spaced_timesteps
-from ddpm_mnist.maths.schedule import NoiseSchedule, respace
+from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, respace
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)
 
@@ -94,7 +94,7 @@ class DDIM(Sampler):
     def __init__(self, schedule: NoiseSchedule, timesteps: list[int], prediction_type: str,
                  clip_range: float | None, device: torch.device | str, eta: float = 0.0) -> None:
         super().__init__(schedule, timesteps, prediction_type, clip_range, device)
-        abar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)[torch.tensor(timesteps[::-1])]
+        abar = alphas_cumprod_float64(schedule)[torch.tensor(timesteps[::-1])]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         # Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
         sigmas = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
@@ -130,8 +130,7 @@ class DPMSolverPP2M(Sampler):
     def __init__(self, schedule: NoiseSchedule, timesteps: list[int], prediction_type: str,
                  clip_range: float | None, device: torch.device | str) -> None:
         super().__init__(schedule, timesteps, prediction_type, clip_range, device)
-        abar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)
-        abar_s = abar[torch.tensor(timesteps)]
+        abar_s = alphas_cumprod_float64(schedule)[torch.tensor(timesteps)]
         abar_t = torch.cat([abar_s[1:], torch.ones(1, dtype=torch.float64)])  # sigma = 0 after the last step
         alpha_s, sigma_s, alpha_t, sigma_t = abar_s.sqrt(), (1 - abar_s).sqrt(), abar_t.sqrt(), (1 - abar_t).sqrt()
         h = (alpha_t.log() - sigma_t.log()) - (alpha_s.log() - sigma_s.log())  # inf at the last step: e^-h = 0

@@ -115,6 +115,12 @@ def schedule_from_betas(betas: torch.Tensor) -> NoiseSchedule:
     return NoiseSchedule(**{k: v.to(torch.float32) for k, v in values.items()})
 
 
+def alphas_cumprod_float64(schedule: NoiseSchedule) -> torch.Tensor:
+    """abar_t recomputed in float64 from the stored betas, as the schedule was derived (on the CPU):
+    for tables where 1 - abar_t near t = 0 (about 1e-5) must keep its digits."""
+    return torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)
+
+
 def respace(schedule: NoiseSchedule, timesteps: list[int]) -> NoiseSchedule:
     """The schedule restricted to `timesteps` (ascending), as improved-diffusion's `respace` builds it.
 
@@ -122,7 +128,7 @@ def respace(schedule: NoiseSchedule, timesteps: list[int]) -> NoiseSchedule:
     abar_{t_k}, and every derived buffer (posterior mean and variance, Eq. 7) is that of the jump
     from t_k to t_(k-1). A fast sampler then uses the same named formulas as the full loop.
     """
-    abar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)  # float64, as the original was derived
+    abar = alphas_cumprod_float64(schedule)
     kept = abar[torch.tensor(timesteps)]
     kept_prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
     return schedule_from_betas(1 - kept / kept_prev).to(schedule.betas.device)
