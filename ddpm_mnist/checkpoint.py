@@ -20,7 +20,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,9 +29,11 @@ from ddpm_mnist import checkpoint_checks as checks
 from ddpm_mnist import diffusers_format
 from ddpm_mnist.config import Config, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError
-from ddpm_mnist.maths.unet import UNet
+from ddpm_mnist.maths.unet import UNet, parameter_groups
 from ddpm_mnist.paths import atomic_file, check_input_file, fsync_folder, record_written, temporary_name
-from ddpm_mnist.trainstate import TrainState, parameter_groups
+
+if TYPE_CHECKING:
+    from ddpm_mnist.trainstate import TrainState
 
 FORMAT = "ddpm-mnist-checkpoint"
 FORMAT_VERSION = 2

@@ -20,16 +20,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddpm_mnist.classifier import MNISTClassifier, classify, load_classifier
-from ddpm_mnist.config import SampleRequest
 from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.images import load_samples_and_labels
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
+
+if TYPE_CHECKING:
+    from ddpm_mnist.config import SampleRequest
 
 # L2 distance in [0, 1] pixel space (784 pixels) under which a sample counts as a copy of a
 # training digit: 3.6% RMS per pixel. 5 of the 10,000 MNIST test digits are this close to a
@@ -226,7 +228,7 @@ def evaluate(
     ckpt_path: Path | None = None,
     samples_path: Path | None = None,
     *,
-    request: SampleRequest | None = None,
+    request: SampleRequest,
     device_name: str | None = None,
     data_root: str | None = None,
     json_path: Path | None = None,
@@ -238,7 +240,6 @@ def evaluate(
     `request` holds the sample-time settings asked for (n, steps, sampler, seed, batch_size). Every
     argument, the size of the floor included, is checked before any sampling starts.
     """
-    request = request or SampleRequest()
     if (ckpt_path is None) == (samples_path is None):
         raise UserError("give one of --ckpt (sample, then measure) or --samples (measure a file from ddpm sample)")
     if json_path is not None:

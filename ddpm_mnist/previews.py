@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ddpm_mnist.config import Config
-from ddpm_mnist.device import Runtime
 from ddpm_mnist.evaluate import Reference, training_metrics
 from ddpm_mnist.images import save_grid
+from ddpm_mnist.maths.samplers import NoiseSource, sampler_for
 from ddpm_mnist.rng import EVAL_NOISE, PREVIEW_NOISE, derive_seed
-from ddpm_mnist.sample import NoiseSource, for_images, generate, reverse_sampler
+from ddpm_mnist.sample import for_images, generate
 from ddpm_mnist.train import Hooks
+
+if TYPE_CHECKING:
+    from ddpm_mnist.config import Config
+    from ddpm_mnist.device import Runtime
 
 METRICS = ("fid_mnist", "inception_score", "confidence", "class_kl")  # logged as eval/<name>
 
@@ -39,8 +43,8 @@ class EMASamples:
         if self._reverse is None:  # the preview sampler (DDIM: eta 0) with the sample section's clipping
             sample = dataclasses.replace(self.cfg.sample, sampler=self.cfg.preview_sampler,
                                          steps=self.cfg.preview_steps, eta=0.0)
-            self._reverse = reverse_sampler(dataclasses.replace(self.cfg, sample=sample), device)
-        noise = NoiseSource(derive_seed(self.cfg.seed, stream), stream, range(n), device)
+            self._reverse = sampler_for(dataclasses.replace(self.cfg, sample=sample), device)
+        noise = NoiseSource(derive_seed(self.cfg.seed, stream), range(n), device, stream)
         model = for_images(model, self.cfg, range(n), device)  # a conditional model: digit k mod 10, sample.guidance
         return generate(model, self._reverse, noise, runtime, static=device.type == "cuda")
 

@@ -23,44 +23,9 @@ from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, SampleReque
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.maths.samplers import Sampler, Step, sampler_for
-from ddpm_mnist.maths.schedule import make_schedule
-from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
+from ddpm_mnist.maths.samplers import NOISE_CHUNK, NoiseSource, Sampler, Step, sampler_for
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-IMAGE_SHAPE = (1, 28, 28)
-NOISE_CHUNK = 50  # steps of noise drawn at once per image; fixed, so the streams never change
-
-
-class NoiseSource:
-    """Per-image Gaussian noise: x_T, then one z per noisy step, for images `indices`."""
-
-    def __init__(self, seed: int, stream: int, indices: Sequence[int], device: torch.device) -> None:
-        self.device = device
-        self.generators = [
-            torch.Generator(device=device).manual_seed(derive_seed(seed, stream, k)) for k in indices
-        ]
-        self._chunk: torch.Tensor | None = None
-        self._used = NOISE_CHUNK
-
-    def _draw(self, count: int) -> torch.Tensor:
-        shape = (count, *IMAGE_SHAPE)
-        draws = [torch.randn(shape, generator=g, device=self.device) for g in self.generators]
-        return torch.stack(draws, dim=1)  # (count, B, 1, 28, 28)
-
-    def initial(self) -> torch.Tensor:
-        """x_T ~ N(0, I): (B, 1, 28, 28). Call once, first."""
-        return self._draw(1)[0]
-
-    def next(self) -> torch.Tensor:
-        """The next step's z ~ N(0, I): (B, 1, 28, 28)."""
-        if self._used == NOISE_CHUNK:
-            self._chunk, self._used = self._draw(NOISE_CHUNK), 0
-        z = self._chunk[self._used]
-        self._used += 1
-        return z
-
 
 def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +196,7 @@ class Sampling:
         with tqdm(total=self.reverse.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
             for first in range(0, n, batch_size):
                 indices = range(first, min(first + batch_size, n))
-                noise = NoiseSource(seed, SAMPLE_NOISE, indices, self.runtime.device)
+                noise = NoiseSource(seed, indices, self.runtime.device)
                 model = for_images(self.model, self.cfg, indices, self.runtime.device)
                 x = generate(model, self.reverse, noise, self.runtime, on_step=on_step if first == 0 else None,
                              progress=bar.update, static=self.static)
@@ -284,7 +249,7 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     s = cfg.sample
     runtime = setup_runtime(cfg.runtime, device_name)
     model = ckpt.load_model(state, cfg, ckpt_path, s.use_ema)
-    reverse = reverse_sampler(cfg, runtime.device)
+    reverse = sampler_for(cfg, runtime.device)
     static = s.cuda_graph and runtime.device.type == "cuda"
     which = "EMA" if s.use_ema else "raw"
     spacing = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
@@ -298,6 +263,14 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note)
 
 
+
+
+def sampling_configs(ckpt_path: Path, requests: list[SampleRequest], overrides: list[str] | None
+                     ) -> tuple[dict[str, Any], list[Config]]:
+    """Read the checkpoint once and check every request against it, before any sampling (a sweep's
+    settings): (its contents, for `prepare_sampling`, and one config per request)."""
+    state = ckpt.load_checkpoint(ckpt_path)
+    return state, [sampling_config(state, ckpt_path, request, overrides) for request in requests]
 
 
 def sampling_config(state: dict[str, Any], ckpt_path: Path, request: SampleRequest,
@@ -330,9 +303,3 @@ def conditioning(cfg: Config) -> str:
     which = "digits 0-9 in turn" if not cfg.sample.digits else "digit" + ("s " if len(digits) > 1 else " ") + \
         ",".join(map(str, digits))
     return f", {which}, guidance {cfg.sample.guidance:g}"
-
-
-def reverse_sampler(cfg: Config, device: torch.device) -> Sampler:
-    """The reverse sampler the config's `sample` section describes, for its schedule and prediction type."""
-    return sampler_for(cfg.sample, make_schedule(cfg.schedule).to(device), cfg.reverse_steps,
-                       cfg.model.prediction_type, device)

@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.config import TIMESTEP_SPACINGS, Config, SampleRequest
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.evaluate import Reference, evaluate, real_digits
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
-from ddpm_mnist.sample import Sampling, prepare_sampling, sampling_config
+from ddpm_mnist.sample import Sampling, prepare_sampling, sampling_configs
 
 COLUMNS = ("fid_mnist", "confidence", "class_kl")
 MAX_SETTINGS = 64
@@ -110,8 +109,7 @@ def sweep(ckpt_path: Path, settings: list[SampleRequest], *, request: SampleRequ
     request = request or SampleRequest()
     if len(settings) > MAX_SETTINGS:
         raise UserError(f"--sweep: {len(settings)} settings; a sweep compares at most {MAX_SETTINGS}")
-    contents = load_checkpoint(ckpt_path)
-    configs = [sampling_config(contents, ckpt_path, request.merged(setting), overrides) for setting in settings]
+    contents, configs = sampling_configs(ckpt_path, [request.merged(setting) for setting in settings], overrides)
     check_distinct_settings(settings, configs)
     first = configs[0]
     train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)

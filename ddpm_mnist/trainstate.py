@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
@@ -22,7 +21,7 @@ from ddpm_mnist.config import Config, TrainConfig, duration_seconds
 from ddpm_mnist.data import EpochBatches, load_mnist
 from ddpm_mnist.device import Runtime
 from ddpm_mnist.maths.schedule import NoiseSchedule, make_schedule
-from ddpm_mnist.maths.unet import UNet
+from ddpm_mnist.maths.unet import UNet, parameter_groups
 from ddpm_mnist.rng import MODEL_INIT, TRAIN_NOISE, derive_seed
 
 
@@ -137,13 +136,6 @@ def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int
     generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, TRAIN_NOISE, rank))
     return TrainState(model, ema, optimizer, make_lr_scheduler(optimizer, training, total_steps), generator,
                       time_budget=training.time_budget)
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights (2 or more dimensions) only, not on biases and GroupNorm scales (as nanoGPT)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def ema_avg_fn(max_decay: float, warmup: bool):

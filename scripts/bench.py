@@ -47,11 +47,10 @@ from ddpm_mnist.config import Config, load_config  # noqa: E402
 from ddpm_mnist.device import Runtime, autocast, cpu_has_native_bf16, setup_runtime  # noqa: E402
 from ddpm_mnist.errors import UserError  # noqa: E402
 from ddpm_mnist.maths.diffusion import training_losses  # noqa: E402
-from ddpm_mnist.maths.samplers import Sampler, make_sampler  # noqa: E402
+from ddpm_mnist.maths.samplers import NoiseSource, Sampler, make_sampler  # noqa: E402
 from ddpm_mnist.maths.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text  # noqa: E402
-from ddpm_mnist.rng import SAMPLE_NOISE  # noqa: E402
-from ddpm_mnist.sample import NoiseSource, generate  # noqa: E402
+from ddpm_mnist.sample import generate  # noqa: E402
 from ddpm_mnist.train import train_step  # noqa: E402
 from ddpm_mnist.trainstate import TrainState, setup_training  # noqa: E402
 
@@ -232,7 +231,7 @@ def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> d
                 model(x, t)
 
     def reverse_loop(sampler: Sampler = reverse, static: bool = False) -> None:
-        generate(model, sampler, NoiseSource(0, SAMPLE_NOISE, range(batch), device), runtime, static=static)
+        generate(model, sampler, NoiseSource(0, range(batch), device), runtime, static=static)
 
     # warm up with a 10-step loop rather than a whole one
     warm_up = make_sampler("ancestral", training.schedule, 10, prediction_type=prediction_type, device=device)
@@ -291,7 +290,7 @@ def bench_variants(cfg_path: str, sets: list[str], runtime: Runtime, args: argpa
         warm_up = make_sampler("ancestral", schedule, 10, prediction_type=cfg.model.prediction_type, device=device)
         for static in (False, True):
             def loop(sampler: Sampler = reverse, static: bool = static, model: Any = model) -> None:
-                noise = NoiseSource(0, SAMPLE_NOISE, range(args.sample_batch), device)
+                noise = NoiseSource(0, range(args.sample_batch), device)
                 generate(model, sampler, noise, runtime, static=static)
 
             loop(warm_up)

@@ -244,9 +244,9 @@ def test_unpickling_error_from_plain_pickle_is_reported(tmp_path: Path, capsys) 
 def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ddpm_mnist.config import ModelConfig
     from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.samplers import NoiseSource
     from ddpm_mnist.maths.unet import UNet
-    from ddpm_mnist.rng import SAMPLE_NOISE
-    from ddpm_mnist.sample import NoiseSource, generate
+    from ddpm_mnist.sample import generate
 
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[14],
@@ -257,7 +257,7 @@ def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tens
     sampler = make_sampler(sampler_kind, make_schedule(ScheduleConfig()).to(device), 25, device=device,
                            eta=0.5 if sampler_kind == "ddim" else 0.0)
     runtime = Runtime(device, None, "float32")
-    runs = [generate(model, sampler, NoiseSource(3, SAMPLE_NOISE, range(5), device), runtime, static=static)
+    runs = [generate(model, sampler, NoiseSource(3, range(5), device), runtime, static=static)
             for static in (False, True)]
     return runs[0], runs[1]
 

@@ -23,12 +23,12 @@ from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from ddpm_mnist.config import Config, apply_overrides, config_from_dict
 from ddpm_mnist.device import setup_runtime
 from ddpm_mnist.errors import RunError
+from ddpm_mnist.maths.unet import parameter_groups
 from ddpm_mnist.trainstate import (
     build_train_state,
     ema_avg_fn,
     ema_decay_at,
     lr_factor,
-    parameter_groups,
     setup_training,
 )
 

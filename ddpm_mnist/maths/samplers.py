@@ -14,12 +14,15 @@ is one class here and one line in `SAMPLERS`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ddpm_mnist.config import SampleConfig
+from ddpm_mnist.config import Config
 from ddpm_mnist.config.sampler_names import max_steps
 from ddpm_mnist.maths.diffusion import at, dpm_solver_timesteps, predict_eps, predict_x0, spaced_timesteps
-from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, respace
+from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, make_schedule, respace
+from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)
 
@@ -183,10 +186,44 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, predicti
     return DDIM(*common, eta=eta) if name == "ddim" else DPMSolverPP2M(*common)
 
 
-def sampler_for(sample: SampleConfig, schedule: NoiseSchedule, num_steps: int, prediction_type: str,
-                device: torch.device | str) -> Sampler:
-    """The sampler a config's `sample` section describes."""
-    return make_sampler(sample.sampler, schedule, num_steps, prediction_type=prediction_type,
-                        variance_type=sample.variance_type, clip_sample=sample.clip_sample,
-                        clip_sample_range=sample.clip_sample_range, eta=sample.eta,
-                        timestep_spacing=sample.timestep_spacing, device=device)
+def sampler_for(cfg: Config, device: torch.device | str) -> Sampler:
+    """The sampler a config's `sample` section describes, for its schedule and prediction type."""
+    s = cfg.sample
+    return make_sampler(s.sampler, make_schedule(cfg.schedule).to(device), cfg.reverse_steps,
+                        prediction_type=cfg.model.prediction_type, variance_type=s.variance_type,
+                        clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range, eta=s.eta,
+                        timestep_spacing=s.timestep_spacing, device=device)
+
+
+IMAGE_SHAPE = (1, 28, 28)
+NOISE_CHUNK = 50  # steps of noise drawn at once per image; fixed, so the streams never change
+
+
+class NoiseSource:
+    """Per-image Gaussian noise: x_T, then one z per noisy step, for images `indices`. Image k's noise
+    comes from its own generator, seeded from (seed, stream, k): it does not depend on the batch."""
+
+    def __init__(self, seed: int, indices: Sequence[int], device: torch.device, stream: int = SAMPLE_NOISE) -> None:
+        self.device = device
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derive_seed(seed, stream, k)) for k in indices
+        ]
+        self._chunk: torch.Tensor | None = None
+        self._used = NOISE_CHUNK
+
+    def _draw(self, count: int) -> torch.Tensor:
+        shape = (count, *IMAGE_SHAPE)
+        draws = [torch.randn(shape, generator=g, device=self.device) for g in self.generators]
+        return torch.stack(draws, dim=1)  # (count, B, 1, 28, 28)
+
+    def initial(self) -> torch.Tensor:
+        """x_T ~ N(0, I): (B, 1, 28, 28). Call once, first."""
+        return self._draw(1)[0]
+
+    def next(self) -> torch.Tensor:
+        """The next step's z ~ N(0, I): (B, 1, 28, 28)."""
+        if self._used == NOISE_CHUNK:
+            self._chunk, self._used = self._draw(NOISE_CHUNK), 0
+        z = self._chunk[self._used]
+        self._used += 1
+        return z
