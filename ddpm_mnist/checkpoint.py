@@ -238,15 +238,6 @@ def load_model(contents: dict[str, Any], cfg: Config, path: str | Path, use_ema:
     return model.eval()
 
 
-def rng_state(train_state: TrainState, device: torch.device) -> dict[str, Any]:
-    """This process's random streams: torch's global generator (dropout), CUDA's, and the training noise."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "train": train_state.generator.get_state().cpu(),
-    }
-
-
 def checkpoint_contents(
     train_state: TrainState, cfg: Config, steps_per_epoch: int, rngs: list[dict[str, Any]]
 ) -> dict[str, Any]:

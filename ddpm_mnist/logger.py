@@ -23,7 +23,7 @@ from ddpm_mnist.maths.schedule import NoiseSchedule
 from ddpm_mnist.maths.unet import count_parameters
 from ddpm_mnist.paths import record_written
 
-if TYPE_CHECKING:  # an annotation only: train.py hands the logger its budget
+if TYPE_CHECKING:  # an annotation only: loop.py hands the logger its budget
     from ddpm_mnist.trainstate import StepBudget
 
 
@@ -129,7 +129,7 @@ class TrainLogger:
         self.writer.add_text("config", yaml_text, 0)
         self.writer.add_text("model", f"U-Net with {n_params:,} parameters", 0)  # a text: one value, not a curve
         figure = schedule_figure({cfg.schedule.beta_schedule: schedule.to("cpu")})
-        self.writer.add_figure("train_setup/schedule", figure, 0)  # a group name after "train": see train.PREVIEW_TAG
+        self.writer.add_figure("train_setup/schedule", figure, 0)  # a group name after "train": see loop.PREVIEW_TAG
 
     def interval(self, interval: Interval, step: int, lr: float, ema_decay: float, skipped: int | None) -> None:
         """Read the interval back (the one host sync of a log point), write scalars, update the bar."""

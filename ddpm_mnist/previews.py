@@ -1,4 +1,4 @@
-"""What a training run shows of its EMA model: preview grids and classifier metrics, as `train.Hooks`.
+"""What a training run shows of its EMA model: preview grids and classifier metrics, as `loop.Hooks`.
 
 The CLI builds these and hands them to `train`, so the training loop itself knows nothing of
 sampling or evaluation. Both draw EMA samples with train.preview_sampler at train.preview_steps
@@ -18,10 +18,10 @@ from torch import nn
 
 from ddpm_mnist.evaluate import Reference, training_metrics
 from ddpm_mnist.images import save_grid
+from ddpm_mnist.loop import Hooks
 from ddpm_mnist.maths.samplers import NoiseSource, sampler_for
 from ddpm_mnist.rng import EVAL_NOISE, PREVIEW_NOISE, derive_seed
 from ddpm_mnist.sample import for_images, generate
-from ddpm_mnist.train import Hooks
 
 if TYPE_CHECKING:
     from ddpm_mnist.config import Config

@@ -16,13 +16,17 @@ import errno
 import fcntl
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.config import Config, dump_yaml, to_dict
 from ddpm_mnist.errors import CheckpointError, RunError, UserError
 from ddpm_mnist.paths import MANIFEST, record_written, recorded, write_text
+
+if TYPE_CHECKING:
+    from ddpm_mnist.trainstate import TrainState
 
 LOCK = ".lock"
 # What --resume refuses to change: the model's identity, and what decides the data order.
@@ -35,12 +39,43 @@ OWN_NAMES = re.compile(r"config\.yaml|events\.out\.tfevents\.[^/]+|checkpoints/(
 TEMPORARY = re.compile(r"(.*/)?\.(?P<name>[^/]+)\.[0-9]+\.[0-9a-f]{8}\.tmp")
 
 
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from: its file and its contents, checked as it was read."""
+
+    path: Path
+    contents: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str | Path) -> Resume:
+        return cls(Path(path), ckpt.load_checkpoint(path))
+
+    def config(self) -> Config:
+        """The config it was trained with."""
+        return ckpt.checkpoint_config(self.contents, self.path)
+
+    @property
+    def world_size(self) -> int:
+        """How many processes wrote it."""
+        return self.contents.get("world_size", 1)
+
+    @property
+    def time_budget(self) -> str | None:
+        """The time budget that fixed its length ("": trained by steps; None: written before budgets were recorded)."""
+        return self.contents.get("time_budget")
+
+    def restore(self, state: TrainState, rank: int, world_size: int) -> None:
+        """Load it into the live training state (see `checkpoint.restore_train_state`)."""
+        ckpt.restore_train_state(state, self.contents, self.path, rank, world_size)
+
+
 class RunFolder:
     """`out_dir/name`, locked by this process until `release()` (a context manager does both)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.checkpoints = path / "checkpoints"
+        self.latest = self.checkpoints / ckpt.LATEST  # the newest checkpoint, also kept as step_<N>.pt
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunFolder:
@@ -82,8 +117,8 @@ class RunFolder:
         """True when the folder already holds a run's config or checkpoints."""
         return (self.path / "config.yaml").exists() or any(self.checkpoints.glob("*.pt"))
 
-    def prepare(self, cfg: Config, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any]] | None:
-        """Apply --resume / --overwrite; return (path, contents) of the checkpoint to resume from, if any."""
+    def prepare(self, cfg: Config, resume: bool, overwrite: bool) -> Resume | None:
+        """Apply --resume / --overwrite; return the checkpoint to resume from, if any."""
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
         if self.holds_run() and not (resume or overwrite):
@@ -99,32 +134,32 @@ class RunFolder:
             return None
         found = self.resume_checkpoint()
         if found is not None:
-            check_frozen_keys(cfg, ckpt.checkpoint_config(found[1], found[0]), self.path)
+            check_frozen_keys(cfg, found.config(), self.path)
         return found
 
-    def resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+    def resume_checkpoint(self) -> Resume | None:
         """latest.pt, or when it is missing the newest numbered checkpoint that loads (said on stdout).
 
         None only when the folder holds no checkpoint at all. A damaged latest.pt is an error, not a
         reason to go back silently: deleting it resumes from the numbered ones.
         """
-        latest = self.checkpoints / ckpt.LATEST
+        latest = self.latest
         if latest.exists():
             try:
-                return latest, ckpt.load_checkpoint(latest)
+                return Resume.read(latest)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}; delete it to resume from the newest numbered checkpoint") from None
         numbered = ckpt.numbered_checkpoints(self.checkpoints)
         reasons = []
         for path in numbered:
             try:
-                contents = ckpt.load_checkpoint(path)
+                found = Resume.read(path)
             except CheckpointError as exc:
                 reasons.append(str(exc))
                 continue
             skipped = f" ({len(reasons)} newer one(s) do not load)" if reasons else ""
             print(f"note: {latest} is missing: resuming from {path.name}, the newest checkpoint that loads{skipped}")
-            return path, contents
+            return found
         if numbered:
             raise CheckpointError(f"no checkpoint in {self.checkpoints} loads; the newest says: {reasons[0]}")
         return None
@@ -182,6 +217,12 @@ class RunFolder:
             return False
         folder = match.group(1) or ""
         return match["name"] == "probe" or f"{folder}{match['name']}" in ours
+
+    def save(self, state: TrainState, cfg: Config, steps_per_epoch: int, rngs: list[dict[str, Any]]) -> Path:
+        """Write a checkpoint of the state (`rngs`: every process's random streams) as latest.pt and
+        step_<N>.pt, keeping the newest train.keep_checkpoints numbered ones."""
+        contents = ckpt.checkpoint_contents(state, cfg, steps_per_epoch, rngs)
+        return ckpt.save_checkpoint(contents, self.checkpoints, cfg.train.keep_checkpoints)
 
     def write_config(self, cfg: Config) -> None:
         """The resolved config as `<run>/config.yaml`."""

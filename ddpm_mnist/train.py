@@ -1,70 +1,23 @@
-"""The training loop (Algorithm 1 of Ho et al.), read top to bottom.
+"""A training run: its folder, its processes and its device around the loop (`loop.py`).
 
-`train(cfg)` locks the run folder, builds the data and the `TrainState`, then for each step gets
-the batch, computes the loss, steps the optimiser, updates the EMA, and logs, previews,
-evaluates, checkpoints or stops when due. A step's batch follows from the step number and its
-timesteps and noise from a checkpointed generator, so `--resume` continues exactly where an
-uninterrupted run would be. Previews and metrics are `Hooks` built by the caller (`previews.py`
-for the CLI): this module knows nothing of sampling or evaluation.
+`train(cfg)` sets up torchrun's process group (when there is one) and the device, locks the run
+folder and applies --resume / --overwrite, then runs the loop of Algorithm 1. Ctrl-C or SIGTERM
+before the loop, or a second one within a step, stops at once with the last checkpoint kept.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from ddpm_mnist.device import setup_runtime
+from ddpm_mnist.distributed import Dist, close, gather, init_distributed, on_main
+from ddpm_mnist.errors import Stopped
+from ddpm_mnist.loop import Hooks, run_steps
+from ddpm_mnist.runfolder import Resume, RunFolder
 
-from ddpm_mnist import checkpoint as ckpt
-from ddpm_mnist.device import Runtime, autocast, setup_runtime
-from ddpm_mnist.distributed import (
-    Dist,
-    StopFlag,
-    check_replicas,
-    check_resume_world_size,
-    close,
-    gather,
-    init_distributed,
-    on_main,
-)
-from ddpm_mnist.errors import RunError, Stopped
-from ddpm_mnist.logger import Interval, TrainLogger
-from ddpm_mnist.maths.diffusion import training_losses
-from ddpm_mnist.runfolder import RunFolder
-from ddpm_mnist.trainstate import (
-    StepBudget,
-    TrainState,
-    ema_decay_at,
-    relay_lr_schedule,
-    setup_training,
-    with_fixed_length,
-)
-
-if TYPE_CHECKING:  # names in annotations only: the config, and train_step's arguments built by setup_training
-    from ddpm_mnist.config import Config, TrainConfig
-    from ddpm_mnist.data import EpochBatches
-    from ddpm_mnist.maths.schedule import NoiseSchedule
-
-
-# TensorBoard's Time Series lists tag groups by name and opens the first ones: the training curves
-# ("train/...") come first, the preview grids after them
-PREVIEW_TAG = "train_samples/ema"
-
-
-@dataclass
-class Hooks:
-    """What the loop calls when due, with the EMA model (in eval mode) and the runtime. Built by the
-    caller, so that training does not depend on sampling or evaluation."""
-
-    preview: Callable[[nn.Module, Runtime, int], torch.Tensor] | None = None  # step -> a grid (3, H, W) uint8
-    metrics: Callable[[nn.Module, Runtime], dict[str, float]] | None = None  # logged as eval/<name>
+if TYPE_CHECKING:
+    from ddpm_mnist.config import Config
 
 
 def train(
@@ -86,7 +39,7 @@ def train(
         resume_from = open_run(folder, cfg, ddp, resume, overwrite)
         return run_steps(cfg, ddp, runtime, folder, resume_from, hooks or Hooks(), change_world_size)
     except KeyboardInterrupt as interrupt:  # before the loop, or a second Ctrl-C within a step
-        latest = folder.checkpoints / ckpt.LATEST
+        latest = folder.latest
         kept = f"the run's last checkpoint, {latest}, is kept; continue with --resume" if latest.exists() else \
             "no checkpoint was written"
         raise Stopped.after(interrupt, kept) from None
@@ -95,210 +48,15 @@ def train(
         close(ddp)
 
 
-def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
-              resume_from: tuple[Path, dict[str, Any]] | None, hooks: Hooks, change_world_size: bool) -> Path:
-    """Set up, then step until train.steps: the loop of Algorithm 1 with its logs, previews and checkpoints."""
-    cfg, batches, schedule, total, state = setup_state(cfg, ddp, runtime, resume_from, change_world_size)
-    if state.step >= total:
-        return say_nothing_to_train(folder, state.step, total, ddp)
-    training, forward = cfg.train, wrap_for_training(state.model, ddp, runtime, cfg.train.compile)
-    on_main(ddp, functools.partial(folder.write_config, cfg))
-    with TrainLogger(folder.path, cfg.name, state.step, None if training.time_budget else total, training.batch_size,
-                     ddp.is_main) as log, StopFlag(ddp) as stop:
-        log.describe(cfg, state.model, len(batches.images), ddp.world_size, batches.steps_per_epoch, total,
-                     state.step, runtime.device, runtime.precision_note)
-        log.run_start(cfg, schedule, state.model)  # once, at step 0: not again on resume
-        interval = Interval(runtime.device, state.step)
-        log.budget = budget = StepBudget(training, state.step) if training.time_budget else None
-        while state.step < total:
-            interval.add(*train_step(state, forward, schedule, batches, cfg, runtime), schedule.num_timesteps)
-            step, stop_now = state.step, stop.agreed()
-            if budget is not None and budget.due(step):
-                cfg, total = read_budget(budget, cfg, total, state, folder, ddp, log, runtime)
-            if due(step, training.log_every, total):
-                interval = log_interval(log, interval, state, training, folder, runtime)
-            if training.sample_every and step % training.sample_every == 0 and step != total:
-                preview(hooks, state, runtime, ddp, log, step)
-                interval.started = time.perf_counter()
-            if training.eval_every and due(step, training.eval_every, total):
-                measure(hooks, state, runtime, ddp, log, step)
-                interval.started = time.perf_counter()
-            if due(step, training.checkpoint_every, total) or stop_now:
-                interval.check_finite(training.nan_policy, step, folder.path)
-                save(state, cfg, ddp, runtime, folder, batches.steps_per_epoch)
-                interval.started = time.perf_counter()
-            if stop_now:
-                log.stopped()
-                raise Stopped(f"saved {folder.checkpoints / ckpt.LATEST} at step {step:,}; continue with --resume",
-                              stop.terminated)
-        preview(hooks, state, runtime, ddp, log, total)
-        check_replicas(ddp, state.model)
-        log.run_end(cfg, total, folder.checkpoints / ckpt.LATEST)
-    return folder.path
-
-
-def say_nothing_to_train(folder: RunFolder, step: int, total: int, ddp: Dist) -> Path:
-    """A resumed run already at its length: say so (rank 0) and return its folder."""
-    if ddp.is_main:
-        print(f"{folder.path} is already at step {step:,} of {total:,}: nothing to train (raise train.steps)")
-    return folder.path
-
-
-def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: tuple[Path, dict[str, Any]] | None,
-                change_world_size: bool) -> tuple[Config, EpochBatches, NoiseSchedule, int, TrainState]:
-    """The run's config (its length from the checkpoint on resume), data, schedule, length and state,
-    restored from the checkpoint when resuming."""
-    cfg = length_from_checkpoint(cfg, resume_from, ddp.is_main)
-    batches, schedule, total, state = setup_training(cfg, runtime, ddp.rank, ddp.world_size)
-    if resume_from is not None:
-        path, contents = resume_from
-        check_resume_world_size(contents.get("world_size", 1), ddp, cfg.train.batch_size, len(batches.images),
-                                change_world_size)
-        ckpt.restore_train_state(state, contents, path, ddp.rank, ddp.world_size)
-    return cfg, batches, schedule, total, state
-
-
-def read_budget(budget: StepBudget, cfg: Config, total: int, state: TrainState, folder: RunFolder, ddp: Dist,
-                log: TrainLogger, runtime: Runtime) -> tuple[Config, int]:
-    """A due reading of a time budget; once it fixes the length, the config and length that follow from it."""
-    fixed = gather(ddp, budget.reading(state.step, runtime.device))[0]  # rank 0's clock decides
-    if fixed is None:
-        return cfg, total
-    budget.stop_reading()
-    return fix_length(cfg, state, fixed, folder, ddp, log), fixed
-
-
-def log_interval(log: TrainLogger, interval: Interval, state: TrainState, training: TrainConfig, folder: RunFolder,
-                 runtime: Runtime) -> Interval:
-    """Check and log the interval that ends at this step; return the next one."""
-    step = state.step
-    interval.check_finite(training.nan_policy, step, folder.path)
-    log.interval(interval, step, state.optimizer.param_groups[0]["lr"],
-                 ema_decay_at(step, training.ema_decay, training.ema_warmup),
-                 state.skipped if training.nan_policy == "skip" else None)
-    return Interval(runtime.device, step)
-
-
-def length_from_checkpoint(cfg: Config, resume_from: tuple[Path, dict[str, Any]] | None, say: bool) -> Config:
-    """A budgeted run resumed after its length was fixed keeps that length (from its checkpoint's
-    config); a budget other than the one that fixed it is said not to apply (when `say`). A run
-    trained by steps or epochs cannot take a budget on resume."""
-    if not cfg.train.time_budget or resume_from is None:
-        return cfg
-    path, contents = resume_from
-    stored = ckpt.checkpoint_config(contents, path)
-    if not stored.train.steps:
-        return cfg  # stopped before its budget fixed the length: the budget measures anew
-    fixed_by = contents.get("time_budget")  # None: a checkpoint from before budgets were recorded
-    if fixed_by == "":
-        raise RunError(
-            f"--resume: this run trains by steps (train.steps: {stored.train.steps:,}), and a time budget "
-            f"({cfg.train.time_budget}) only applies to a run that starts with one: resume with "
-            "--set train.time_budget='' (and --set train.steps=N to train longer)"
-        )
-    if say and fixed_by is not None and fixed_by != cfg.train.time_budget:
-        print(f"note: --resume: this run's length was fixed at {stored.train.steps:,} steps by its time budget "
-              f"{fixed_by}; the budget {cfg.train.time_budget} given now does not apply "
-              "(to train longer, resume with --set train.steps=N)")
-    return with_fixed_length(cfg, stored.train.steps)
-
-
-def fix_length(cfg: Config, state: TrainState, steps: int, folder: RunFolder, ddp: Dist, log: TrainLogger) -> Config:
-    """Fix a time-budgeted run's length: the lr schedule is laid out over it, and config.yaml and
-    every checkpoint from here on say train.steps: `steps`."""
-    fixed = with_fixed_length(cfg, steps)
-    relay_lr_schedule(state, fixed.train, steps)
-    on_main(ddp, functools.partial(folder.write_config, fixed))
-    log.length_fixed(steps, state.step, cfg.train.time_budget)
-    return fixed
-
-
-def train_step(state: TrainState, forward: nn.Module, schedule: NoiseSchedule, batches: EpochBatches, cfg: Config,
-               runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Algorithm 1 of Ho et al. for step `state.step`, then the step count moves on. Returns per-image
-    losses, timesteps, the gradient norm and whether both were finite (on the device, no host sync)."""
-    training = cfg.train
-    x0 = batches.batch(state.step)  # (B, 1, 28, 28) in [-1, 1]
-    if training.channels_last:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
-    # lines 3-4: t ~ Uniform({0, ..., T-1}), eps ~ N(0, I)
-    timesteps = torch.randint(0, schedule.num_timesteps, (training.batch_size,), device=runtime.device,
-                              generator=state.generator)
-    noise = torch.randn(x0.shape, device=runtime.device, generator=state.generator)
-    labels = class_labels(state, batches, cfg, runtime) if cfg.model.num_classes else None
-    # line 5: a gradient step on the loss of the prediction
-    with autocast(runtime):
-        losses = training_losses(forward, schedule, x0, timesteps, noise, cfg.model.prediction_type, training.loss,
-                                 labels, training.min_snr_gamma)
-    loss = losses.mean()
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(),
-                                         training.grad_clip if training.grad_clip > 0 else math.inf)
-    # the gradients are all-reduced, so grad_norm, and with it the verdict, is the same on every rank
-    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    if training.nan_policy == "skip" and not bool(finite):  # one host sync per step, only with skip
-        state.skipped += 1
-    else:
-        state.optimizer.step()
-        state.ema.update_parameters(state.model)
-    state.lr_scheduler.step()
-    state.step += 1
-    return losses.detach(), timesteps, grad_norm.detach(), finite
-
-
-def class_labels(state: TrainState, batches: EpochBatches, cfg: Config, runtime: Runtime) -> torch.Tensor:
-    """The batch's digits, each replaced by "no class" (num_classes) with probability
-    train.class_dropout (classifier-free guidance's p_uncond), drawn from the checkpointed generator."""
-    labels = batches.batch_labels(state.step)  # (B,)
-    dropped = torch.rand(labels.shape, device=runtime.device, generator=state.generator) < cfg.train.class_dropout
-    return torch.where(dropped, cfg.model.num_classes, labels)
-
-
-def due(step: int, every: int, total: int) -> bool:
-    """True at every `every`-th step (never when `every` is 0) and at the last step."""
-    return step == total or (every > 0 and step % every == 0)
-
-
-def open_run(folder: RunFolder, cfg: Config, ddp: Dist, resume: bool, overwrite: bool
-             ) -> tuple[Path, dict[str, Any]] | None:
+def open_run(folder: RunFolder, cfg: Config, ddp: Dist, resume: bool, overwrite: bool) -> Resume | None:
     """Rank 0 locks the folder and applies --resume / --overwrite; every rank gets the checkpoint to resume."""
 
-    def prepare() -> tuple[Path, dict[str, Any]] | None:
+    def prepare() -> Resume | None:
         folder.lock()
         return folder.prepare(cfg, resume, overwrite)
 
     found = on_main(ddp, prepare)
-    chosen = gather(ddp, None if found is None else str(found[0]))[0]
+    chosen = gather(ddp, None if found is None else str(found.path))[0]
     if chosen is not None and found is None:  # the other ranks read the file rank 0 chose
-        found = Path(chosen), ckpt.load_checkpoint(chosen)
+        found = Resume.read(chosen)
     return found
-
-
-def wrap_for_training(model: nn.Module, ddp: Dist, runtime: Runtime, compile_model: bool) -> nn.Module:
-    """The module each step calls: DDP under torchrun, compiled if asked."""
-    forward: nn.Module = model
-    if ddp.enabled:
-        device = runtime.device
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(forward) if compile_model else forward
-
-
-def save(state: TrainState, cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder, steps_per_epoch: int
-         ) -> None:
-    """A checkpoint: every rank's RNG states go in, rank 0 writes it, every rank hears of a failure."""
-    rngs = gather(ddp, ckpt.rng_state(state, runtime.device))
-    contents = ckpt.checkpoint_contents(state, cfg, steps_per_epoch, rngs)
-    on_main(ddp, functools.partial(ckpt.save_checkpoint, contents, folder.checkpoints, cfg.train.keep_checkpoints))
-
-
-def preview(hooks: Hooks, state: TrainState, runtime: Runtime, ddp: Dist, log: TrainLogger, step: int) -> None:
-    """Rank 0 asks the preview hook for a grid of EMA samples and shows it in TensorBoard."""
-    if hooks.preview is not None and ddp.is_main:
-        log.image(PREVIEW_TAG, hooks.preview(state.ema.module.eval(), runtime, step), step)
-
-
-def measure(hooks: Hooks, state: TrainState, runtime: Runtime, ddp: Dist, log: TrainLogger, step: int) -> None:
-    """Rank 0 asks the metrics hook for numbers of the EMA model and logs them as eval/<name>."""
-    if hooks.metrics is not None and ddp.is_main:
-        log.scalars("eval", hooks.metrics(state.ema.module.eval(), runtime), step)

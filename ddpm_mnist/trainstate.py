@@ -2,7 +2,7 @@
 
 `setup_training` builds a run's fixed parts (its data and noise schedule) and its `TrainState`:
 the model, its EMA, the optimiser, the lr schedule, this process's noise generator and the step.
-`checkpoint.py` saves and restores the state whole; `train.py` steps it.
+`checkpoint.py` saves and restores the state whole; `loop.py` steps it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -19,10 +20,12 @@ from torch.optim.swa_utils import AveragedModel
 
 from ddpm_mnist.config import Config, TrainConfig, duration_seconds
 from ddpm_mnist.data import EpochBatches, load_mnist
-from ddpm_mnist.device import Runtime
 from ddpm_mnist.maths.schedule import NoiseSchedule, make_schedule
 from ddpm_mnist.maths.unet import UNet, parameter_groups
 from ddpm_mnist.rng import MODEL_INIT, TRAIN_NOISE, derive_seed
+
+if TYPE_CHECKING:
+    from ddpm_mnist.device import Runtime
 
 
 @dataclasses.dataclass
@@ -37,6 +40,16 @@ class TrainState:
     step: int = 0  # optimiser steps taken (the next step to run)
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (train.nan_policy: skip)
     time_budget: str = ""  # the train.time_budget that fixes this run's length ("": trained by steps or epochs)
+
+    def rng_state(self) -> dict[str, Any]:
+        """This process's random streams, for its checkpoint: torch's global generator (dropout),
+        CUDA's, and the training noise."""
+        device = self.generator.device
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "train": self.generator.get_state().cpu(),
+        }
 
 
 def setup_training(

@@ -3,7 +3,7 @@
     python scripts/bench.py [--config configs/cpu.yaml] [--device auto] [--json bench.json]
 
 Measured in one run, on one device:
-- training: images/s of the real training step (train.train_step: the batch from the on-device
+- training: images/s of the real training step (loop.train_step: the batch from the on-device
   uint8 tensor, noising, forward, loss, backward, clipping, AdamW, EMA), and the same step fed by
   a plain torch DataLoader over torchvision's MNIST with ToTensor and Normalize (the tutorial way);
 - the share of a step spent getting the batch;
@@ -46,12 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from ddpm_mnist.config import Config, load_config  # noqa: E402
 from ddpm_mnist.device import Runtime, autocast, cpu_has_native_bf16, setup_runtime  # noqa: E402
 from ddpm_mnist.errors import UserError  # noqa: E402
+from ddpm_mnist.loop import train_step  # noqa: E402
 from ddpm_mnist.maths.diffusion import training_losses  # noqa: E402
 from ddpm_mnist.maths.samplers import NoiseSource, Sampler, make_sampler  # noqa: E402
 from ddpm_mnist.maths.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text  # noqa: E402
 from ddpm_mnist.sample import generate  # noqa: E402
-from ddpm_mnist.train import train_step  # noqa: E402
 from ddpm_mnist.trainstate import TrainState, setup_training  # noqa: E402
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,23 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", "train.sample_every=0"])
     return train(cfg, hooks=training_hooks(cfg))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real filesystem of a given size (tmpfs; needs root), unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def make(size_kb: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}): needs root")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
+from conftest import FIXTURE_ROOT, SMOKE
 
 from ddpm_mnist.config import Config, apply_overrides
 from ddpm_mnist.previews import training_hooks
@@ -43,3 +45,27 @@ def step_at(sampler, model_output, t: int, x_t, noise=None):
     if i == 0 or getattr(sampler, "previous", 0) is None:
         sampler.start(x_t)
     return sampler.step(i, model_output, x_t, noise if sampler.needs_noise[i] else None)
+
+
+def train_args(out_dir: Path, *sets: str) -> list[str]:
+    args = ["train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={out_dir}"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def fill(disk: Path) -> None:
+    """Fill a filesystem to the last byte."""
+    for name, block in (("filler", 65536), ("filler-tail", 1)):
+        try:
+            with open(disk / name, "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * block)
+        except OSError:
+            pass
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(FIXTURE_ROOT / "MNIST" / "raw", raw)
+    return raw

@@ -7,6 +7,7 @@ exit code 2 that names the field, for `ddpm sample`, `ddpm eval` and `ddpm train
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import subprocess
@@ -179,3 +180,70 @@ def test_crafted_schedule_rng_and_counters_are_refused(trained_run: Path, tmp_pa
 def test_the_trained_checkpoint_passes_every_check(trained_run: Path) -> None:
     state = load_checkpoint(latest(trained_run))
     assert state["step"] == 20 and set(state["optimizer"]) == {"state", "param_groups"}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_one_nan_bias_is_refused(trained_run: Path, tmp_path: Path, capsys) -> None:
+    state = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=True)
+    state["ema"]["out_conv.bias"][0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", bad, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png")
+    one_line_error(code, err, "EMA weights hold NaN or infinite values (1 tensor(s), e.g. out_conv.bias)")
+    code, _, err = run_cli(capsys, "eval", "--ckpt", bad, "--n", "4", "--steps", "2")
+    one_line_error(code, err, "NaN or infinite")
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field, value, says", [
+    ("step", "10", "its step must be a whole number >= 0, got '10'"),
+    ("step", None, "its step must be a whole number >= 0, got None"),
+    ("step", -3, "its step must be a whole number >= 0, got -3"),
+    ("world_size", True, "its world_size must be a whole number >= 0, got True"),
+    ("ema", {"w": "not a tensor"}, "its ema weights are not a mapping of names to tensors"),
+    ("config", {"train": {"lr": 10**400}}, "train.lr: must be a finite number"),
+    ("config", {"train": {"lr": [[[[[[[[[[1]]]]]]]]]]}}, "train.lr: must be a number"),
+    ("format_version", "2", "checkpoint format version '2'"),
+])
+def test_checkpoint_fields_of_the_wrong_type_are_one_line(trained_run: Path, tmp_path: Path, capsys,
+                                                             field: str, value: object, says: str) -> None:
+    state = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=True)
+    state[field] = value
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", bad, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png")
+    one_line_error(code, err, says)
+
+
+@pytest.mark.slow
+def test_fuzzed_checkpoints_are_one_line(trained_run: Path, tmp_path: Path, capsys) -> None:
+    import random
+
+    good = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=True)
+    odd = [None, True, -1, 10**400, 1.5, float("nan"), "", "x" * 10_000, [], {}, [[[[]]]], b"bytes",
+           torch.zeros(3), {"a": torch.ones(1)}]
+    rng = random.Random(0)
+    for i in range(40):
+        state = dict(good)
+        for field in rng.sample(sorted(state), 2):
+            state[field] = rng.choice(odd)
+        path = tmp_path / f"fuzz{i}.pt"
+        torch.save(state, path)
+        code, _, err = run_cli(capsys, "sample", "--ckpt", path, "--n", "2", "--steps", "2",
+                               "--out", tmp_path / f"g{i}.png")
+        if code != 0:  # some changes are harmless (the epoch, the versions)
+            one_line_error(code, err, "")
+
+
+@pytest.mark.slow
+def test_a_code_running_pickle_names_the_global_and_gives_no_unsafe_advice(tmp_path: Path, capsys) -> None:
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("echo this ran code",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "ddpm-mnist-checkpoint", "payload": Exploit()}, evil)
+    code, out, err = run_cli(capsys, "sample", "--ckpt", evil, "--n", "1", "--steps", "2")
+    line = one_line_error(code, err, f"refused: the file asks to load the Python object {os.system.__module__}.system")
+    assert "weights_only" not in line and "this ran code" not in out

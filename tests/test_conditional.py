@@ -19,9 +19,9 @@ from ddpm_mnist.config import Config, ModelConfig, TrainConfig, apply_overrides,
 from ddpm_mnist.data import EpochBatches
 from ddpm_mnist.device import Runtime
 from ddpm_mnist.images import load_samples, load_samples_and_labels
+from ddpm_mnist.loop import class_labels
 from ddpm_mnist.maths.unet import UNet
 from ddpm_mnist.sample import Guided
-from ddpm_mnist.train import class_labels
 from ddpm_mnist.trainstate import TrainState
 
 CONDITIONAL = ["model.num_classes=10"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
+from helpers import one_line_error
 
 from ddpm_mnist.config import (
     Config,
@@ -189,3 +190,61 @@ def test_a_length_on_the_command_line_replaces_the_files_and_says_so(capsys) -> 
     code, _, err = run_cli(capsys, "config", "--config", smoke, "--set", "train.time_budget=1m",
                            "--set", "train.steps=5")
     assert code == 2 and "--set train.time_budget='' turns the budget off" in err
+
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9))
+
+
+def test_alias_bombs_and_deep_nesting_are_one_short_line(tmp_path: Path, capsys) -> None:
+    cases = {"bomb.yaml": (BILLION_LAUGHS, "aliases (*a) are not allowed"),
+             "deep.yaml": ("train: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 8 levels deep"),
+             "huge.yaml": ("seed: " + "x" * 5_000_000 + "\n", "5,000,007 bytes; a config is at most 1,048,576")}
+    for name, (text, says) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        code, _, err = run_cli(capsys, "config", "--config", path)
+        line = one_line_error(code, err, says)
+        assert len(line) < 400, line
+
+
+def test_a_stored_config_bomb_is_described_briefly() -> None:
+    bomb: list = ["lol"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9  # 9**10 leaves, shared: cheap to hold, ruinous to repr()
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    for value in (bomb, deep):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"train": {"lr": value}}, "ckpt (its stored config)")
+        assert "train.lr: must be a number" in str(info.value) and len(str(info.value)) < 300
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  batch_size: 32\n  lr: 0.001\nmodel: {}\ntrain:\n  batch_size: 128\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' \(lines 1 and 5\)"):
+        load_config(path)
+    path.write_text("train:\n  lr: 0.001\n  lr: 0.0002\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' \(lines 2 and 3\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("train.lr=1" + "0" * 400, "train.lr: must be a finite number"),
+    ("seed=" + "1" * 5000, "not a value a config can hold"),
+    ("train.lr=!!float abc", "not a value a config can hold"),
+    ("train.steps=" + "[" * 3000 + "]" * 3000, "nested more than 8 levels deep"),
+    ("out_dir=a\0b", "not valid YAML"),
+    ('data.root="a\\0b"', "must not contain a NUL character"),
+])
+def test_override_values_that_raised_are_one_line(override: str, says: str, capsys) -> None:
+    code, _, err = run_cli(capsys, "config", "--set", override)
+    line = one_line_error(code, err, says)
+    assert len(line) < 400
+
+
+def test_a_date_like_name_is_a_name(capsys) -> None:
+    code, out, err = run_cli(capsys, "config", "--set", "name=2001-13-45")
+    assert code == 0 and "name: '2001-13-45'" in out, err  # quoted, so that any YAML reader sees a string

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, ROOT
+from helpers import copy_fixture
 
-from ddpm_mnist.data import MNIST_FILES, EpochBatches, load_mnist, to_model_range, to_uint8
+from ddpm_mnist.data import MNIST_FILES, EpochBatches, known_sets, load_mnist, to_model_range, to_uint8
 from ddpm_mnist.errors import DataError
 
 
@@ -99,3 +100,51 @@ def test_fetch_script_does_nothing_when_the_files_are_there() -> None:
     result = subprocess.run(["scripts/fetch_mnist.sh", "data"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "already in" in result.stdout
     assert {p.name: p.stat().st_mtime_ns for p in raw.iterdir()} == before
+
+
+def test_garbled_pixels_are_refused_with_both_hashes(tmp_path: Path) -> None:
+    raw = copy_fixture(tmp_path)
+    data = bytearray((raw / "train-images-idx3-ubyte").read_bytes())
+    for i in range(16, len(data), 97):
+        data[i] ^= 0x5A
+    (raw / "train-images-idx3-ubyte").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte has MD5 [0-9a-f]{32} \(damaged, or not MNIST\), "
+                                        r"not the published 6bbc9ace898e44ae57da46a324031adb"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_mnist_test_files_copied_over_the_training_files_are_named(tmp_path: Path) -> None:
+    raw = copy_fixture(tmp_path)
+    shutil.copyfile(raw / "t10k-images-idx3-ubyte", raw / "train-images-idx3-ubyte")
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte has MD5 \w+ \(that of t10k-images-idx3-ubyte\)"):
+        load_mnist(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("damage", ["magic", "count", "rows", "short"])
+def test_damaged_headers_give_a_reason(tmp_path: Path, damage: str) -> None:
+    raw = copy_fixture(tmp_path)
+    path = raw / "t10k-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    if damage == "magic":
+        data[2] = 7
+    elif damage == "count":
+        data[7] += 1
+    elif damage == "rows":
+        data = data[:8] + data[8:] + b"\0"
+    else:
+        data = data[:6]
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path, download=False)
+    message = str(info.value)
+    assert "t10k-labels-idx1-ubyte has MD5" in message and not message.rstrip().endswith(":")
+
+
+def test_one_table_of_md5s_serves_the_loader_and_the_fetch_script() -> None:
+    sets = known_sets()
+    assert set(sets) == {"mnist", "fixture-1000"} and all(set(s) == set(MNIST_FILES) for s in sets.values())
+    script = (ROOT / "scripts" / "fetch_mnist.sh").read_text()
+    assert "ddpm_mnist/assets/mnist.md5" in script
+    assert not any(md5 in script for md5 in sets["mnist"].values())  # no second copy of the hashes
+    shown = subprocess.run(["scripts/fetch_mnist.sh", "--md5s"], cwd=ROOT, capture_output=True, text=True)
+    assert dict(line.split() for line in shown.stdout.splitlines()) == sets["mnist"], shown.stderr

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE
-from helpers import weights
+from helpers import smoke_run, train_args, weights
 
 from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.config import Config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
@@ -63,3 +64,27 @@ def test_resume_under_torchrun_ends_where_an_uninterrupted_run_does(tmp_path: Pa
     a, b = weights(tmp_path / "straight" / "smoke"), weights(halves)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
+def test_resuming_on_another_process_count_is_refused_unless_asked(smoke_cfg: Config, tmp_path: Path) -> None:
+    smoke_run(smoke_cfg, "train.steps=4", "train.sample_every=0")
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "ddpm_mnist",
+               *map(str, train_args(smoke_cfg.out_dir, "train.steps=6", "train.sample_every=0")), "--device", "cpu",
+               "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    says = ("the run was trained by 1 process(es) and this is 2: the effective batch would go from 32 to 64, "
+            "an epoch from 31 to 15 steps")
+    assert says in refused.stderr, refused.stderr[-2000:]
+    assert load_checkpoint(smoke_cfg.run_dir / "checkpoints" / "latest.pt")["step"] == 4
+    allowed = subprocess.run([*command, "--change-world-size"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "note: resuming a 1-process run on 2" in allowed.stdout
+    assert load_checkpoint(smoke_cfg.run_dir / "checkpoints" / "latest.pt")["world_size"] == 2

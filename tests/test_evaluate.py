@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FIXTURE_ROOT, run_cli
+from helpers import one_line_error
 
 from ddpm_mnist.classifier import classify, load_classifier
 from ddpm_mnist.data import load_mnist, to_model_range, to_uint8
@@ -205,3 +207,33 @@ def test_a_sweep_holds_one_settings_model_at_a_time(trained_run: Path, monkeypat
     assert code == 0, err
     assert events == ["prepare", "measure"] * 3
 
+
+@pytest.mark.slow
+def test_eval_checks_memory_before_sampling_too(trained_run: Path, monkeypatch, capsys) -> None:
+    import ddpm_mnist.sample as sample
+
+    monkeypatch.setattr(sample, "available_memory_bytes", lambda device: 50 * 2**20)  # a nearly full machine
+    code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "500",
+                             "--steps", "2", "--batch-size", "500")
+    one_line_error(code, err, "sampling 500 images in batches of 500 needs about 0.5 GiB, and 0.0 GiB is free")
+    assert "sampling 500 images to evaluate" in out and "eval:" not in err  # refused before the first step
+
+
+@pytest.mark.slow
+def test_eval_checks_n_against_the_floor_before_sampling(trained_run: Path, tmp_path: Path, capsys) -> None:
+    started = time.perf_counter()
+    code, out, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "1001",
+                             "--steps", "1000", "--set", "sample.batch_size=1001")
+    one_line_error(code, err, "n = 1001 is more than the 1000 real digits of the floor")
+    assert "sampling" not in out
+    assert time.perf_counter() - started < 120  # 1001 images x 1000 steps would take many minutes here
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_negative_n(trained_run: Path, tmp_path: Path, capsys) -> None:
+    tensor = tmp_path / "s.pt"
+    assert run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "15", "--steps", "2",
+                   "--tensor", tensor, "--out", tmp_path / "g.png")[0] == 0
+    for n in ("-1", "0", "16"):
+        code, _, err = run_cli(capsys, "eval", "--samples", tensor, "--n", n, "--data", FIXTURE_ROOT)
+        one_line_error(code, err, f"--n {n}: {tensor} holds 15 images")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
-from helpers import digest, smoke_run, weights
+from helpers import digest, fill, one_line_error, smoke_run, train_args, weights
 
 import ddpm_mnist.checkpoint as checkpoint_module
-import ddpm_mnist.train as train_module
+import ddpm_mnist.loop as loop
 from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.config import SECTIONS, Config, apply_overrides, config_from_dict
 from ddpm_mnist.errors import CheckpointError, ConfigError, RunError, UserError
@@ -133,7 +133,7 @@ class NanGradient(torch.autograd.Function):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_gradient_with_a_finite_loss(smoke_cfg: Config, monkeypatch, policy: str) -> None:
-    real = train_module.training_losses
+    real = loop.training_losses
     calls = {"n": 0}
 
     def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
@@ -141,7 +141,7 @@ def test_nan_gradient_with_a_finite_loss(smoke_cfg: Config, monkeypatch, policy:
         out = real(*args, **kwargs)
         return NanGradient.apply(out) if calls["n"] == 13 else out
 
-    monkeypatch.setattr(train_module, "training_losses", poisoned)
+    monkeypatch.setattr(loop, "training_losses", poisoned)
     if policy == "stop":
         with pytest.raises(RunError, match="between steps 11 and 15"):
             smoke_run(smoke_cfg)
@@ -238,3 +238,58 @@ def test_user_errors_are_all_one_line() -> None:
     assert issubclass(ConfigError, UserError) and issubclass(CheckpointError, UserError)
     with pytest.raises(ConfigError):
         apply_overrides(Config(), ["train.steps=x"])
+
+
+@pytest.mark.slow
+def test_training_onto_a_full_disk_keeps_the_last_checkpoint(small_disk, capsys) -> None:
+    disk = small_disk(1500)  # room for one smoke checkpoint (0.9 MB), not two
+    args = train_args(disk, "train.sample_every=0", "train.keep_checkpoints=1")
+    code, _, err = run_cli(capsys, *args)
+    line = one_line_error(code, err, "cannot write checkpoint")
+    assert "No space left on device" in line
+    checkpoints = disk / "smoke" / "checkpoints"
+    assert load_checkpoint(checkpoints / "latest.pt")["step"] == 10
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []
+    fill(disk)
+    code, _, err = run_cli(capsys, *args, "--resume")  # the event file cannot even be opened now
+    one_line_error(code, err, "No space left on device")
+    assert load_checkpoint(checkpoints / "latest.pt")["step"] == 10
+
+
+@pytest.mark.slow
+def test_outputs_on_a_full_disk_leave_older_files_whole(trained_run: Path, small_disk, capsys) -> None:
+    disk = small_disk(64)
+    old_csv, old_png = disk / "s.csv", disk / "s.png"
+    old_csv.write_text("an older schedule\n")
+    old_png.write_bytes(b"an older plot")
+    (disk / "each").mkdir()
+    fill(disk)
+    code, _, err = run_cli(capsys, "schedule", "--csv", old_csv)
+    one_line_error(code, err, f"cannot write {old_csv}")
+    code, _, err = run_cli(capsys, "schedule", "--plot", old_png)
+    one_line_error(code, err, f"cannot write {old_png}")
+    assert old_csv.read_text() == "an older schedule\n" and old_png.read_bytes() == b"an older plot"
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    for extra in (["--images-dir", disk / "each"], ["--tensor", disk / "t.pt"]):
+        code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", "2", "--steps", "2", "--out",
+                               trained_run.parent / "grid.png", *extra)
+        one_line_error(code, err, "cannot write")
+    code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", "2", "--steps", "2", "--out", disk / "g.png")
+    one_line_error(code, err, f"cannot write {disk / 'g.png'}")
+    leftovers = [p.name for p in disk.rglob("*") if p.name not in ("s.csv", "s.png", "each", "filler", "filler-tail")]
+    assert leftovers == []  # no 0-byte PNG, no .tmp
+
+
+def test_a_killed_writer_leaves_no_partial_png(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from ddpm_mnist.images import save_each
+
+    def dies_halfway(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        Path(fp).write_bytes(b"\x89PNG half")  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(Image.Image, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_each(torch.zeros(3, 1, 28, 28, dtype=torch.uint8), tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import torch
 from helpers import smoke_run
 from torch import nn
 
-import ddpm_mnist.train as train_module
+import ddpm_mnist.loop as loop
 from ddpm_mnist.config import Config, ScheduleConfig
 from ddpm_mnist.maths.diffusion import min_snr_weights, predict_x0, training_losses
 from ddpm_mnist.maths.schedule import make_schedule
@@ -69,14 +69,14 @@ def test_gamma_zero_leaves_the_loss_unweighted() -> None:
 def test_training_weights_each_images_loss(smoke_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs from one seed see the same images, timesteps and noise at step 0; with
     train.min_snr_gamma their per-image losses are the plain ones times the weights."""
-    real, seen = train_module.training_losses, []
+    real, seen = loop.training_losses, []
 
     def recording(model, schedule, x0, t, noise, *args: object) -> torch.Tensor:
         out = real(model, schedule, x0, t, noise, *args)
         seen.append((t.clone(), out.detach().clone(), schedule))
         return out
 
-    monkeypatch.setattr(train_module, "training_losses", recording)
+    monkeypatch.setattr(loop, "training_losses", recording)
     smoke_run(smoke_cfg, "train.steps=1", "name=plain")
     smoke_run(smoke_cfg, "train.steps=1", "name=weighted", "train.min_snr_gamma=5")
     (t_plain, plain, schedule), (t_weighted, weighted, _) = seen

@@ -21,7 +21,7 @@ from helpers import digest, one_line_error, smoke_run
 from ddpm_mnist.checkpoint import load_checkpoint, numbered_checkpoints
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import MANIFEST, check_paths, ensure_writable, recorded
+from ddpm_mnist.paths import MANIFEST, atomic_file, check_paths, ensure_writable, recorded, temporary_name
 
 
 def latest(run: Path) -> Path:
@@ -158,3 +158,39 @@ def test_a_users_step_best_checkpoint_is_never_taken_for_the_newest(smoke_cfg: C
     assert sorted(p.name for p in checkpoints.glob("step_*.pt")) == ["step_000000010.pt", "step_000000015.pt",
                                                                     "step_best.pt"]
     assert torch.load(checkpoints / "step_best.pt", weights_only=True)["step"] == 5
+
+
+def test_temporary_files_have_names_no_other_writer_picks(tmp_path: Path) -> None:
+    target = tmp_path / "latest.pt"
+    names = {temporary_name(target) for _ in range(100)}
+    assert len(names) == 100 and all(str(os.getpid()) in n.name and n.name.startswith(".latest.pt.") for n in names)
+    with pytest.raises(ZeroDivisionError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise ZeroDivisionError  # any failure while writing
+    assert list(tmp_path.iterdir()) == []  # no final file, no temporary left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, says", [
+    (["--out", "x.jpg"], "--out x.jpg: the file name must end in .png"),
+    (["--trajectory", "traj.png"], "--trajectory traj.png: the file name must end in .gif"),
+    (["--tensor", "x.txt"], "--tensor x.txt: the file name must end in .pt or .npz"),
+    (["--out", "t_strip.png", "--trajectory", "t.gif"], "--out and --trajectory's strip both write t_strip.png"),
+])
+def test_output_names_are_checked(trained_run: Path, tmp_path: Path, capsys, monkeypatch, args: list[str],
+                                     says: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "2",
+                             "--steps", "2", *args)
+    one_line_error(code, err, says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schedule_outputs_and_eval_json_are_checked(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "schedule", "--csv", tmp_path / "s.png")
+    one_line_error(code, err, "the file name must end in .csv")
+    code, _, err = run_cli(capsys, "schedule", "--plot", tmp_path / "s.csv")
+    one_line_error(code, err, "the file name must end in .png")
+    code, _, err = run_cli(capsys, "eval", "--samples", tmp_path / "x.pt", "--json", tmp_path / "m.txt")
+    one_line_error(code, err, "the file name must end in .json")
+    assert list(tmp_path.iterdir()) == []

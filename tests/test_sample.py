@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, SMOKE, run_cli
-from helpers import digest, step_at
+from helpers import digest, one_line_error, step_at
 from PIL import Image
 
 from ddpm_mnist.config import SampleRequest, ScheduleConfig
@@ -393,3 +393,64 @@ def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
         assert make_sampler(name, schedule, max_steps(name, 10)).num_steps == max_steps(name, 10)
         with pytest.raises(ValueError, match=f"{name} takes 1 to {max_steps(name, 10)} steps"):
             make_sampler(name, schedule, max_steps(name, 10) + 1)
+
+
+@pytest.mark.slow
+def test_an_impossible_sample_size_is_refused_before_sampling(trained_run: Path, tmp_path: Path, capsys) -> None:
+    ckpt = trained_run / "checkpoints" / "latest.pt"
+    code, out, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", "10000000", "--batch-size", "65536",
+                             "--out", tmp_path / "g.png", "--tensor", tmp_path / "all.pt")
+    one_line_error(code, err, "GiB")
+    assert "sampling" not in out and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_images_stream_to_their_files_batch_by_batch(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import ddpm_mnist.sample_files as sample_files
+
+    calls: list[tuple[int, int]] = []
+    real = sample_files.save_each
+
+    def recording(images: torch.Tensor, folder: Path, first: int) -> Path:
+        calls.append((first, len(images)))
+        return real(images, folder, first)
+
+    monkeypatch.setattr(sample_files, "save_each", recording)
+    sample_files.sample_from_checkpoint(trained_run / "checkpoints" / "latest.pt",
+                                        request=SampleRequest(n=10, steps=2, batch_size=4),
+                                        out=tmp_path / "g.png", images_dir=tmp_path / "each")
+    assert calls == [(0, 4), (4, 4), (8, 2)]
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"{k:06d}.png" for k in range(10)]
+
+
+@pytest.mark.slow
+def test_non_finite_images_stop_sampling(trained_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from ddpm_mnist.maths.unet import UNet
+
+    real = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: real(self, x, t) * float("inf"))
+    code, _, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "3",
+                           "--steps", "3", "--out", tmp_path / "g.png", "--set", "sample.clip_sample=false")
+    one_line_error(code, err, "sampling produced NaN or infinite values in 3 of 3 images")
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["schedule.num_timesteps=10", "schedule.beta_schedule=cosine",
+                                      "model.prediction_type=x0", "train.lr=1"])
+def test_sample_time_set_cannot_change_the_trained_model(trained_run: Path, tmp_path: Path, capsys,
+                                                           override: str) -> None:
+    key = override.split("=")[0]
+    for command in ("sample", "eval"):
+        code, _, err = run_cli(capsys, command, "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "2",
+                               "--steps", "2", "--set", override)
+        one_line_error(code, err, f"{key} belongs to the trained model")
+
+
+@pytest.mark.slow
+def test_sample_and_runtime_keys_can_change(trained_run: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "sample", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "2",
+                             "--out", tmp_path / "g.png", "--set", "sample.steps=3", "--set", "runtime.device=cpu",
+                             "--set", "seed=5")
+    assert code == 0, err
+    assert "3 steps (leading), seed 5" in out

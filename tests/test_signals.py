@@ -54,26 +54,26 @@ def test_ctrl_c_during_eval_exits_130(trained_run: Path, monkeypatch, capsys) ->
 
 
 def test_ctrl_c_before_the_first_step_exits_130(tmp_path: Path, monkeypatch, capsys) -> None:
-    import ddpm_mnist.train as train_module
+    import ddpm_mnist.loop as loop
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, "setup_training", interrupted)
+    monkeypatch.setattr(loop, "setup_training", interrupted)
     code, _, err = run_cli(capsys, "train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}",
                            "--set", f"out_dir={tmp_path}")
     assert code == 130 and stopped_line(err) == "stopped by Ctrl-C: no checkpoint was written"
 
 
 def test_a_second_ctrl_c_within_a_step_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
-    import ddpm_mnist.train as train_module
+    import ddpm_mnist.loop as loop
 
-    real = train_module.train_step
+    real = loop.train_step
 
     def second_ctrl_c(state, *args: object):
         if state.step == 7:
             raise KeyboardInterrupt  # what StopFlag raises on a second Ctrl-C
         return real(state, *args)
-    monkeypatch.setattr(train_module, "train_step", second_ctrl_c)
+    monkeypatch.setattr(loop, "train_step", second_ctrl_c)
     code, _, err = run_cli(capsys, "train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}",
                            "--set", f"out_dir={tmp_path}", "--set", "train.checkpoint_every=5",
                            "--set", "train.sample_every=0")

@@ -18,6 +18,7 @@ from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import digest, smoke_run, weights
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import ddpm_mnist.loop as loop
 import ddpm_mnist.train as train_module
 from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
 from ddpm_mnist.config import Config, apply_overrides, config_from_dict
@@ -129,7 +130,7 @@ def test_cli_refuses_an_existing_run_with_exit_code_2(smoke_cfg: Config, capsys)
 
 def nan_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the training loss non-finite from call `calls` on (the model's math is untouched)."""
-    real = train_module.training_losses
+    real = loop.training_losses
     count = {"n": 0}
 
     def losses(*args: object, **kwargs: object) -> torch.Tensor:
@@ -137,7 +138,7 @@ def nan_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
         out = real(*args, **kwargs)
         return out * math.nan if count["n"] > calls else out
 
-    monkeypatch.setattr(train_module, "training_losses", losses)
+    monkeypatch.setattr(loop, "training_losses", losses)
 
 
 @pytest.mark.slow
@@ -154,7 +155,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_cfg: Config, mo
 
 @pytest.mark.slow
 def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
-    real = train_module.training_losses
+    real = loop.training_losses
     count = {"n": 0}
 
     def one_bad_step(*args: object, **kwargs: object) -> torch.Tensor:
@@ -162,7 +163,7 @@ def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
         out = real(*args, **kwargs)
         return out * math.inf if count["n"] == 7 else out
 
-    monkeypatch.setattr(train_module, "training_losses", one_bad_step)
+    monkeypatch.setattr(loop, "training_losses", one_bad_step)
     run_dir = smoke_run(smoke_cfg, "train.nan_policy=skip")
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert state["step"] == 20 and state["ema_num_averaged"] == 19  # one update skipped
@@ -231,13 +232,13 @@ def test_the_fused_optimiser_step_is_adamw(smoke_cfg: Config) -> None:
     batches, schedule, _, state = setup_training(cfg, runtime)
     assert state.optimizer.defaults["fused"] is True
     for _ in range(3):  # past the zero-initialised output layer, so that every weight has a gradient
-        train_module.train_step(state, state.model, schedule, batches, cfg, runtime)
+        loop.train_step(state, state.model, schedule, batches, cfg, runtime)
     reference_model = copy.deepcopy(state.model)
     reference = torch.optim.AdamW(parameter_groups(reference_model, 0.01), foreach=False, fused=False)
     reference.load_state_dict(copy.deepcopy(state.optimizer.state_dict()))  # moments, step, lr, betas, decay
     for group in reference.param_groups:
         group["fused"] = False  # the saved groups would make it fused again
-    train_module.train_step(state, state.model, schedule, batches, cfg, runtime)
+    loop.train_step(state, state.model, schedule, batches, cfg, runtime)
     for p, ref in zip(state.model.parameters(), reference_model.parameters(), strict=True):
         ref.grad = p.grad.clone()
     before = [ref.detach().clone() for ref in reference_model.parameters()]
