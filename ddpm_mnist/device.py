@@ -1,15 +1,19 @@
 """Where and in what precision a command runs: decided once, at the edge, by `setup_runtime`.
 
 train, sample, eval and scripts/bench.py each call `setup_runtime` once. It picks the device, sets
-the process-wide backend switches (cuDNN autotuning, TF32) and, for training, seeds torch's global
-generator; nothing else in the package touches them.
+the process-wide backend switches (cuDNN autotuning, TF32) and torch's CPU threads, and, for
+training, seeds torch's global generator; nothing else in the package touches them. On the CPU,
+`Runtime.share_cpu()` between steps lets the thread count follow what other processes use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,13 +25,82 @@ from ddpm_mnist.errors import UserError
 from ddpm_mnist.rng import DROPOUT, derive_seed
 
 
+class CpuThreads:
+    """torch's CPU threads while a run goes on: all `cores` while the machine is otherwise idle, one
+    fewer for each core that other processes keep busy, never fewer than one (runtime.threads: 0).
+
+    OpenMP splits every operation across the threads and waits for the last of them: one thread on a
+    core that another busy process also wants holds every operation up, while a thread per free core
+    keeps the pace of that core. `adapt()` is called between steps; every `every` seconds it reads how
+    much CPU time the machine spent outside this process (`read`: seconds since boot of the wall
+    clock, of all busy time on the cores this process may use, and of this process's own CPU time)
+    and sets the thread count from it.
+    """
+
+    def __init__(self, cores: int, every: float = 2.0, read: Callable[[], tuple[float, float, float]] | None = None
+                 ) -> None:
+        self.cores, self.every = cores, every
+        self.read = read or read_cpu_use
+        self.last = self.read()
+
+    def adapt(self) -> None:
+        wall, busy, own = self.read()
+        elapsed = wall - self.last[0]
+        if elapsed < self.every:
+            return
+        others = max(0.0, (busy - self.last[1]) - (own - self.last[2])) / elapsed  # in cores
+        self.last = (wall, busy, own)
+        wanted = min(self.cores, max(1, self.cores - math.floor(others + 0.6)))  # 0.4 of a core taken counts
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+
+
+def read_cpu_use() -> tuple[float, float, float]:
+    """(wall clock, busy seconds of the cores this process may use, this process's CPU seconds).
+
+    Busy time is /proc/stat's user, nice, system, irq and softirq of those cores: not steal, the time
+    a hypervisor gave to other machines, which fewer threads here would not get back."""
+    tick = os.sysconf("SC_CLK_TCK")
+    allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    busy = 0
+    with open("/proc/stat", encoding="ascii") as stat:
+        for line in stat:
+            fields = line.split()
+            if fields and fields[0] in allowed:
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+                busy += user + nice + system + irq + softirq
+    return time.monotonic(), busy / tick, time.process_time()
+
+
+def cpu_threads(threads: int, device: torch.device, fixed_by_environment: bool) -> CpuThreads | None:
+    """Set torch's CPU threads for runtime.threads (N: exactly N); return the governor of `0` (auto),
+    or None where the count stays as it is: not a CPU run, OMP_NUM_THREADS set (torchrun sets it to 1
+    per process), or no /proc to read (not Linux)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return None
+    if device.type != "cpu" or fixed_by_environment:
+        return None
+    try:
+        return CpuThreads(len(os.sched_getaffinity(0)))
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """The device a command runs on and its autocast dtype (None: float32), with a line saying why."""
+    """The device a command runs on and its autocast dtype (None: float32), with a line saying why,
+    and on the CPU with runtime.threads: 0, the governor of its thread count."""
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     precision_note: str
+    threads: CpuThreads | None = None
+
+    def share_cpu(self) -> None:
+        """Between steps: follow the CPU time other processes use with the thread count (see `CpuThreads`)."""
+        if self.threads is not None:
+            self.threads.adapt()
 
 
 def setup_runtime(
@@ -57,7 +130,7 @@ def setup_runtime(
     if seed is not None:
         torch.manual_seed(derive_seed(seed, DROPOUT, rank))  # CPU and every CUDA device: what dropout draws from
     dtype, note = autocast_dtype(device, cfg.mixed_precision)
-    return Runtime(device, dtype, note)
+    return Runtime(device, dtype, note, cpu_threads(cfg.threads, device, "OMP_NUM_THREADS" in os.environ))
 
 
 def autocast(runtime: Runtime, *, cache_enabled: bool = True) -> contextlib.AbstractContextManager:

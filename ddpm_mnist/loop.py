@@ -82,6 +82,7 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
         log.budget = budget = StepBudget(training, state.step) if training.time_budget else None
         while state.step < total:
             interval.add(*train_step(state, forward, schedule, batches, cfg, runtime), schedule.num_timesteps)
+            runtime.share_cpu()
             step, stop_now = state.step, stop.agreed()
             if budget is not None and budget.due(step):
                 cfg, total = read_budget(budget, cfg, total, state, folder, ddp, log, runtime)
@@ -99,8 +100,7 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
                 interval.started = time.perf_counter()
             if stop_now:
                 log.stopped()
-                raise Stopped(f"saved {folder.latest} at step {step:,}; continue with --resume",
-                              stop.terminated)
+                raise Stopped(f"saved {folder.latest} at step {step:,}; continue with --resume", stop.terminated)
         preview(hooks, state, runtime, ddp, log, total)
         check_replicas(ddp, state.model)
         log.run_end(cfg, total, folder.latest)

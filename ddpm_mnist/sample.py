@@ -36,7 +36,7 @@ def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z
     return sampler.step(i, output, x, z), output  # float32: autocast leaves elementwise ops alone
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: the loop only ever reads the model
 def generate(
     model: nn.Module,
     sampler: Sampler,
@@ -52,9 +52,8 @@ def generate(
     The one loop over the steps. `on_step(i, t, x_t, model_output)` sees each step (for
     trajectories); `progress(1)` follows each (a tqdm bar's update). `static=True` runs the steps
     on fixed buffers (`FixedBuffers`), which on CUDA replays one captured CUDA graph per step; the
-    images are the same as without it, up to float rounding. Raises UserError when the result is
-    not finite (a model with overflowing outputs), rather than returning black images.
-    """
+    images are the same as without it, up to float rounding. A result that is not finite (a model
+    with overflowing outputs) is a UserError, not black images."""
     x = noise.initial()
     sampler.start(x)
     fixed = FixedBuffers(model, sampler, x, runtime) if static and on_step is None else None
@@ -71,6 +70,7 @@ def generate(
                 x = x_next
             if progress is not None:
                 progress(1)
+            runtime.share_cpu()
     if not bool(torch.isfinite(x).all()):
         raise UserError(
             f"sampling produced NaN or infinite values in {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of "

@@ -12,8 +12,16 @@ Measured in one run, on one device:
 - sampling: the 1000-step reverse loop for one batch against 1000 bare model forwards at the same
   batch size (the sampler's overhead ratio), in image-steps/s, and the same loop on fixed buffers
   (`generate(static=True)`: one CUDA graph replayed per step on CUDA, the same step run eagerly elsewhere);
+- the forward pass's FLOPs and this machine's best dense rate in the same dtype (a large matmul and
+  a large 3x3 convolution, measured here): the loop's FLOP ceiling, and the fraction of it reached;
 - with --compare: training images/s and sampling image-steps/s for torch.compile on and off and
   channels_last on and off (training), compile and the CUDA graph on and off (sampling), in one run;
+- with --options: the reverse loop's image-steps/s for each way of running it (autograd off by
+  no_grad or inference_mode, weights cast to bf16, torch.compile with and without freezing,
+  channels_last, the batch size), with each one's largest difference from the default's images;
+- with --busy: the reverse loop and the training step alone and beside a second process that keeps
+  one core busy, for each thread setting (all cores, one thread, OpenMP's passive waiting, and
+  runtime.threads: 0, the default), each in a process of its own;
 - peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
 
 Things compared with each other (our step and the tutorial one, the step and the matmul, the
@@ -25,11 +33,13 @@ overhead ratio the median of the ratios within a round.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -258,6 +268,110 @@ def bench_sampling(training: Training, batch: int, steps: int, rounds: int) -> d
     }
 
 
+def convolution(device: torch.device, dtype: torch.dtype, batch: int = 32, channels: int = 128) -> tuple[Any, float]:
+    """A large 3x3 convolution at 28x28 in `dtype` and its FLOPs: the best case of the U-Net's own op."""
+    x = torch.randn(batch, channels, 28, 28, device=device, dtype=dtype)
+    w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)
+
+    def run() -> None:
+        with torch.inference_mode():
+            torch.nn.functional.conv2d(x, w, padding=1)
+
+    return run, 2.0 * batch * channels * 28 * 28 * channels * 9
+
+
+def forward_ceiling(training: Training, batch: int, rounds: int) -> dict[str, Any]:
+    """The forward pass's FLOPs per image, and this machine's best dense rate in the forward's dtype
+    (a large matmul or a large convolution, whichever is faster here): together, the loop's limit."""
+    runtime, model = training.runtime, training.state.ema.module.eval()
+    device = runtime.device
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter, autocast(runtime):
+        model(x, t)
+    dtype = runtime.autocast_dtype or torch.float32
+    (mm, mm_flops), (conv, conv_flops) = matmul(device, dtype), convolution(device, dtype)
+    turns = take_turns({"matmul": (mm, 5), "convolution": (conv, 3)}, device, rounds)
+    rates = {"matmul": mm_flops / min(turns["matmul"]), "convolution": conv_flops / min(turns["convolution"])}
+    return {"forward_flops_per_image": counter.get_total_flops() / batch, "dtype": str(dtype).replace("torch.", ""),
+            "matmul_flops_per_s": rates["matmul"], "convolution_flops_per_s": rates["convolution"],
+            "ceiling_flops_per_s": max(rates.values())}
+
+
+class Bf16Weights(torch.nn.Module):
+    """The model with its weights cast to bf16 once, fed bf16 images: no autocast, no casts per step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x.to(torch.bfloat16), t, class_labels)
+
+
+def compiled(model: torch.nn.Module, *, freezing: bool = False, channels_last: bool = False) -> torch.nn.Module:
+    """torch.compile of a copy of the model (a graph of its own), optionally with inductor's freezing
+    (weights folded in as constants) or in channels_last."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = freezing
+    model = copy.deepcopy(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model)
+
+
+def sampling_options(training: Training, batch: int, with_compile: bool = True
+                     ) -> dict[str, tuple[torch.nn.Module, Runtime, Any, int]]:
+    """name -> (model, runtime, how autograd is off, batch) of each way of running the reverse loop."""
+    runtime, model = training.runtime, training.state.ema.module.eval()
+    fp32 = Runtime(runtime.device, None, "float32")
+    options = {
+        "before: no_grad, autocast": (model, runtime, torch.no_grad, batch),
+        "default: inference_mode, autocast": (model, runtime, torch.inference_mode, batch),
+    }
+    if runtime.autocast_dtype == torch.bfloat16:
+        options["weights cast to bf16 once"] = (Bf16Weights(model), fp32, torch.inference_mode, batch)
+    if with_compile:
+        options["compile"] = (compiled(model), runtime, torch.inference_mode, batch)
+        options["compile, freezing"] = (compiled(model, freezing=True), runtime, torch.inference_mode, batch)
+        options["compile, channels_last"] = (compiled(model, channels_last=True), runtime, torch.inference_mode,
+                                             batch)
+    for size in (16, 32, 64, 128):
+        if size != batch:
+            options[f"default at batch {size}"] = (model, runtime, torch.inference_mode, size)
+    return options
+
+
+def bench_sampling_options(training: Training, batch: int, steps: int, rounds: int, with_compile: bool = True
+                           ) -> list[dict[str, Any]]:
+    """Image-steps/s of the reverse loop for each option, taking turns, with the first (compiling)
+    call's seconds and the largest difference of its images from the default's (the same noise)."""
+    device, schedule = training.runtime.device, training.schedule
+    prediction = training.cfg.model.prediction_type
+    reverse = make_sampler("ancestral", schedule, steps, prediction_type=prediction, device=device)
+    warm_up = make_sampler("ancestral", schedule, 5, prediction_type=prediction, device=device)
+    runs, first, images = {}, {}, {}
+    for name, (model, runtime, grad, size) in sampling_options(training, batch, with_compile).items():
+        def run(sampler: Sampler = reverse, model: Any = model, runtime: Runtime = runtime, grad: Any = grad,
+                size: int = size, name: str = name) -> None:
+            with grad():
+                images[name] = generate.__wrapped__(model, sampler, NoiseSource(0, range(size), device), runtime)
+
+        started = time.perf_counter()
+        run(warm_up)
+        first[name], runs[name] = time.perf_counter() - started, (run, 1)
+    turns = take_turns(runs, device, rounds, warm_up=False)
+    default = images["default: inference_mode, autocast"]
+    rows = []
+    for name, seconds in turns.items():
+        shared = min(len(default), len(images[name]))
+        rows.append({"option": name, "batch_size": len(images[name]), "first_call_s": first[name],
+                     "image_steps_per_s": len(images[name]) * steps / min(seconds),
+                     "max_difference": float((images[name][:shared] - default[:shared]).abs().max())})
+    return rows
+
+
 def bench_variants(cfg_path: str, sets: list[str], runtime: Runtime, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Training images/s and sampling image-steps/s with torch.compile and channels_last on and off.
 
@@ -301,6 +415,90 @@ def bench_variants(cfg_path: str, sets: list[str], runtime: Runtime, args: argpa
     return rows
 
 
+# a second process that keeps one core busy: torch on one thread, convolutions without end
+COMPETITOR = """import torch
+torch.set_num_threads(1)
+x, conv = torch.randn(64, 16, 28, 28), torch.nn.Conv2d(16, 16, 3, padding=1)
+with torch.no_grad():
+    while True:
+        conv(x)
+"""
+
+
+def measure_child(training: Training, part: str, batch: int, seconds: float) -> float:
+    """--child: the rate of `part` in this process, for at least `seconds`: the reverse loop in
+    20-step runs (image-steps/s) or the training step (images/s). The runtime's thread governor,
+    if any, follows the machine across the runs."""
+    runtime, device = training.runtime, training.runtime.device
+    if part == "train":
+        work, amount = training.step, training.cfg.train.batch_size
+    else:
+        sampler = make_sampler("ancestral", training.schedule, 20, prediction_type=training.cfg.model.prediction_type,
+                               device=device)
+        model = training.state.ema.module.eval()
+
+        def work() -> None:
+            generate(model, sampler, NoiseSource(0, range(batch), device), runtime)
+
+        amount = batch * 20
+    work()
+    started, done = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        work()
+        done += amount
+    return done / (time.perf_counter() - started)
+
+
+def thread_settings() -> dict[str, tuple[dict[str, str], str]]:
+    """name -> (environment, runtime.threads) of each thread setting --busy compares."""
+    cores = len(os.sched_getaffinity(0))
+    return {
+        f"{cores} threads, fixed": ({}, str(cores)),
+        "1 thread": ({}, "1"),
+        f"{cores} threads, passive waiting": ({"OMP_WAIT_POLICY": "PASSIVE"}, str(cores)),
+        "runtime.threads: 0 (default)": ({}, "0"),
+    }
+
+
+def bench_busy(args: argparse.Namespace, rounds: int) -> list[dict[str, Any]]:
+    """Each thread setting's rates alone and beside COMPETITOR, for the reverse loop and the training
+    step; each measurement is a fresh process (OpenMP reads its wait policy once, at start), and the
+    settings take turns round by round."""
+    rates: dict[tuple[str, bool], list[dict[str, float]]] = {}
+    for _ in range(rounds):
+        for name, (env, threads) in thread_settings().items():
+            for busy in (False, True):
+                rates.setdefault((name, busy), []).append(child_rates(args, env, threads, busy))
+    rows = []
+    for name in thread_settings():
+        for part, unit in (("sample", "image-steps/s"), ("train", "images/s")):
+            alone = max(r[part] for r in rates[(name, False)])
+            beside = max(r[part] for r in rates[(name, True)])
+            rows.append({"part": part, "threads": name, "alone": alone, "beside_one_busy_core": beside,
+                         "kept": beside / alone, "unit": unit})
+    return rows
+
+
+def child_rates(args: argparse.Namespace, env: dict[str, str], threads: str, busy: bool) -> dict[str, float]:
+    """One --child measurement (the loop's and the step's rates) in a process of its own, with a
+    competitor beside it if `busy`."""
+    command = [sys.executable, __file__, "--child", "--config", args.config, "--sample-batch", str(args.sample_batch),
+               "--busy-seconds", str(args.busy_seconds), *[f"--set={item}" for item in args.sets],
+               f"--set=runtime.threads={threads}"]
+    if args.device:
+        command += ["--device", args.device]
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if busy else None
+    try:
+        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
+    if done.returncode != 0:
+        fail(f"--busy: the measuring process failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def fail(message: str) -> NoReturn:
     """Bad input: one line on stderr, exit code 2 (argparse's own errors too)."""
     print(f"error: {message}", file=sys.stderr)
@@ -331,6 +529,14 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=positive, default=1000)
     parser.add_argument("--compare", action="store_true",
                         help="also time compile and channels_last on and off, and the CUDA graph on and off")
+    parser.add_argument("--options", action="store_true",
+                        help="also time the reverse loop's options: inference_mode, bf16 weights, compile, batch sizes")
+    parser.add_argument("--option-steps", type=positive, default=200, help="reverse steps of each --options loop")
+    parser.add_argument("--no-compile", action="store_true", help="--options without the torch.compile ones")
+    parser.add_argument("--busy", action="store_true",
+                        help="also time each thread setting alone and beside a process that keeps one core busy")
+    parser.add_argument("--busy-seconds", type=positive, default=8, help="seconds of each --busy measurement")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --busy measurement
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     try:
@@ -349,6 +555,10 @@ def bench(args: argparse.Namespace) -> int:
     device = runtime.device
     batches, schedule, _, state = setup_training(cfg, runtime)
     training = Training(cfg, runtime, batches, schedule, state)
+    if args.child:
+        print(json.dumps({part: measure_child(training, part, args.sample_batch, args.busy_seconds)
+                          for part in ("sample", "train")}))
+        return 0
     report: dict[str, Any] = {
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
@@ -362,9 +572,20 @@ def bench(args: argparse.Namespace) -> int:
     }
     report["training"] = bench_training(training, args.train_steps, args.rounds, cfg.data.root)
     report["sampling"] = bench_sampling(training, args.sample_batch, args.sample_steps, args.rounds)
+    ceiling = forward_ceiling(training, args.sample_batch, args.rounds)
+    report["sampling"] |= {"forward": ceiling, "fraction_of_ceiling": report["sampling"]["image_steps_per_s"]
+                           * ceiling["forward_flops_per_image"] / ceiling["ceiling_flops_per_s"]}
     report["peak_memory_mb"] = peak_memory_mb(device)
     if args.compare:
         report["variants"] = bench_variants(args.config, args.sets, runtime, args)
+    if args.options:
+        report["sampling_options"] = bench_sampling_options(training, args.sample_batch, args.option_steps,
+                                                            args.rounds, not args.no_compile)
+        for row in report["sampling_options"]:
+            row["fraction_of_ceiling"] = (row["image_steps_per_s"] * ceiling["forward_flops_per_image"]
+                                          / ceiling["ceiling_flops_per_s"])
+    if args.busy:
+        report["busy"] = bench_busy(args, args.rounds)
 
     tr, sa = report["training"], report["sampling"]
     rows = [
@@ -391,6 +612,18 @@ def bench(args: argparse.Namespace) -> int:
         ("peak memory", f"{report['peak_memory_mb']:.0f} MB"),
         ("machine", f"{report['machine']['cpu']}, {report['machine']['cores']} threads, torch {report['torch']}"),
     ]
+    fw = sa["forward"]
+    rows.insert(-2, ("  FLOP ceiling", f"{fw['forward_flops_per_image'] / 1e6:.0f} MFLOP a forward per image; "
+                     f"{fw['dtype']} matmul {fw['matmul_flops_per_s'] / 1e9:.0f}, convolution "
+                     f"{fw['convolution_flops_per_s'] / 1e9:.0f} GFLOP/s: the loop reaches "
+                     f"{100 * sa['fraction_of_ceiling']:.0f}% of the faster"))
+    for row in report.get("sampling_options", []):
+        rows.append((f"sampling option: {row['option']}", f"{row['image_steps_per_s']:.0f} image-steps/s at batch "
+                     f"{row['batch_size']} ({100 * row['fraction_of_ceiling']:.0f}% of the ceiling), first call "
+                     f"{row['first_call_s']:.1f} s, images differ by {row['max_difference']:.1e}"))
+    for row in report.get("busy", []):
+        rows.append((f"{row['part']}, {row['threads']}", f"{row['alone']:.0f} {row['unit']} alone, "
+                     f"{row['beside_one_busy_core']:.0f} beside a busy core ({100 * row['kept']:.0f}% kept)"))
     for row in report.get("variants", []):
         switches = [f"compile {'on' if row['compile'] else 'off'}"]
         if row["channels_last"] is not None:

@@ -17,7 +17,8 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(SMOKE), "--train-steps", "2",
-         "--sample-batch", "2", "--sample-steps", "3", "--json", str(report_path), "--compare",
+         "--sample-batch", "2", "--sample-steps", "3", "--json", str(report_path), "--compare", "--options",
+         "--no-compile", "--option-steps", "2", "--busy", "--busy-seconds", "1",
          "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={tmp_path / 'runs'}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
@@ -54,6 +55,19 @@ def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
                  "sampler overhead ratio", "peak memory"):
         assert line in done.stdout, line
     assert not (tmp_path / "runs").exists()  # measuring writes no run folder
+    # the loop's FLOP ceiling; --options; --busy
+    forward = report["sampling"]["forward"]
+    assert forward["forward_flops_per_image"] > 1e6 and forward["ceiling_flops_per_s"] > 0
+    assert 0 < report["sampling"]["fraction_of_ceiling"] < 1
+    options = {row["option"]: row for row in report["sampling_options"]}
+    assert {"before: no_grad, autocast", "default: inference_mode, autocast", "default at batch 16"} <= set(options)
+    assert not any("compile" in name for name in options)  # --no-compile
+    assert options["default: inference_mode, autocast"]["max_difference"] == 0
+    assert all(row["image_steps_per_s"] > 0 and row["max_difference"] < 1e-3 for row in options.values())
+    busy = {(row["part"], row["threads"]) for row in report["busy"]}
+    assert {("sample", "1 thread"), ("train", "runtime.threads: 0 (default)")} <= busy and len(busy) == 8
+    assert all(row["alone"] > 0 and row["beside_one_busy_core"] > 0 for row in report["busy"])
+    assert "FLOP ceiling" in done.stdout and "beside a busy core" in done.stdout
 
 
 def test_bench_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
@@ -66,3 +80,4 @@ def test_bench_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, args
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], done.stderr
+

@@ -55,6 +55,11 @@ class RuntimeConfig:
         False, "CUDA: deterministic kernels, so that a run and its resumed copy match bit for bit (slower); "
         "CPU runs always do",
     )
+    threads: int = param(
+        0, "CPU threads: 0 = auto (all cores while the machine is otherwise idle, one fewer per core other "
+        "processes keep busy, re-checked as the run goes; OMP_NUM_THREADS, if set, decides); N: exactly N",
+        ge=0, le=4096,
+    )
 
 
 @dataclass

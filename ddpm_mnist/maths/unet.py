@@ -176,7 +176,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, 1, 28, 28), t: (B,) timesteps, class_labels: (B,) digits, or num_classes for
         "no class" (None: no class for all; ignored by an unconditional model) -> (B, 1, 28, 28)."""
-        temb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, 4 * base)
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype))  # (B, 4 * base)
         if self.class_embedding is not None:
             if class_labels is None:
                 class_labels = torch.full_like(t, self.num_classes)

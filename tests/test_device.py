@@ -1,0 +1,107 @@
+"""device: torch's CPU threads under runtime.threads, and what changing them mid-run does to samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMOKE, run_cli
+from helpers import one_line_error
+
+from ddpm_mnist.config import ModelConfig, ScheduleConfig
+from ddpm_mnist.device import CpuThreads, Runtime, cpu_threads, read_cpu_use
+from ddpm_mnist.maths.samplers import NoiseSource, make_sampler
+from ddpm_mnist.maths.schedule import make_schedule
+from ddpm_mnist.maths.unet import UNet
+from ddpm_mnist.sample import generate
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Every test here may change torch's thread count: put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeMachine:
+    """What `read_cpu_use` would say: the clock advances one second a call; `others` cores of busy
+    time are spent outside this process, `own` cores inside it."""
+
+    def __init__(self, others: float, own: float = 1.0) -> None:
+        self.others, self.own, self.wall, self.busy, self.mine = others, own, 0.0, 0.0, 0.0
+
+    def __call__(self) -> tuple[float, float, float]:
+        self.wall += 1.0
+        self.mine += self.own
+        self.busy += self.own + self.others
+        return self.wall, self.busy, self.mine
+
+
+@pytest.mark.parametrize("others, threads", [(0.0, 4), (0.3, 4), (0.5, 3), (1.0, 3), (2.0, 2), (3.6, 1), (9.0, 1)])
+def test_each_core_other_processes_keep_busy_takes_one_thread(others: float, threads: int) -> None:
+    torch.set_num_threads(4)
+    governor = CpuThreads(4, every=2.0, read=FakeMachine(others))
+    governor.adapt()  # one second since the first reading: too soon to judge
+    assert torch.get_num_threads() == 4
+    governor.adapt()
+    assert torch.get_num_threads() == threads
+
+
+def test_the_threads_come_back_when_the_other_process_stops() -> None:
+    torch.set_num_threads(2)
+    machine = FakeMachine(others=1.0)
+    governor = CpuThreads(2, every=1.0, read=machine)
+    governor.adapt()
+    assert torch.get_num_threads() == 1
+    machine.others = 0.0
+    governor.adapt()
+    assert torch.get_num_threads() == 2
+
+
+def test_a_fixed_count_environment_or_gpu_is_left_alone() -> None:
+    assert cpu_threads(3, CPU, fixed_by_environment=False) is None and torch.get_num_threads() == 3
+    assert cpu_threads(0, CPU, fixed_by_environment=True) is None
+    assert cpu_threads(0, torch.device("cuda"), fixed_by_environment=False) is None
+    assert isinstance(cpu_threads(0, CPU, fixed_by_environment=False), CpuThreads)
+
+
+def test_the_proc_readings_move_forward_with_work() -> None:
+    wall, busy, own = read_cpu_use()
+    torch.randn(512, 512) @ torch.randn(512, 512)
+    sum(i * i for i in range(300_000))
+    later = read_cpu_use()
+    assert later[0] > wall and later[1] >= busy >= 0 and later[2] > own >= 0
+
+
+def test_changing_the_thread_count_mid_loop_leaves_the_images_alone() -> None:
+    """Sampling may change its threads at any step: that changes float rounding (as the batch size
+    does), not the images."""
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[14],
+                             num_groups=4, dropout=0.0)).eval()
+    for p in model.parameters():  # the zero-initialised layers too: a model that does something
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 30)
+
+    class Flipping(CpuThreads):
+        calls = 0
+
+        def adapt(self) -> None:
+            Flipping.calls += 1
+            torch.set_num_threads(3 - torch.get_num_threads())  # 1, 2, 1, 2, ...
+
+    torch.set_num_threads(2)
+    steady = generate(model, sampler, NoiseSource(1, range(6), CPU), Runtime(CPU, None, "float32"))
+    flipping = Runtime(CPU, None, "float32", Flipping(2, read=FakeMachine(0.0)))
+    changing = generate(model, sampler, NoiseSource(1, range(6), CPU), flipping)
+    assert Flipping.calls == sampler.num_steps  # the loop offers the CPU back at every step
+    torch.testing.assert_close(changing, steady, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("value, says", [("-1", "runtime.threads: must be >= 0"), ("two", "must be an integer")])
+def test_bad_thread_counts_are_one_line(value: str, says: str, capsys) -> None:
+    code, _, err = run_cli(capsys, "config", "--config", SMOKE, "--set", f"runtime.threads={value}")
+    one_line_error(code, err, says)
