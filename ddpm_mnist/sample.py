@@ -23,7 +23,7 @@ from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, SampleReque
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.maths.samplers import NOISE_CHUNK, NoiseSource, Sampler, Step, sampler_for
+from ddpm_mnist.maths.samplers import IMAGE_SHAPE, NOISE_CHUNK, NoiseSource, Sampler, Step, sampler_for
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -254,13 +254,40 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     which = "EMA" if s.use_ema else "raw"
     spacing = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
     weights = state.get("source") or f"{which} weights of step {state['step']:,}"
+    model, compiled = compiled_for(model.to(runtime.device), cfg, runtime)
     note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {weights}, "
-            f"{runtime.device}, {runtime.precision_note}" + (", CUDA graph" if static else "")
-            + (", compiled" if s.compile else "") + conditioning(cfg))
-    model = model.to(runtime.device)
-    if s.compile:
-        model = torch.compile(model)
+            f"{runtime.device}, {runtime.precision_note}" + (", CUDA graph" if static else "") + compiled
+            + conditioning(cfg))
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note)
+
+
+# sample.compile: auto compiles CPU jobs of at least this many image-steps: the compile (tens of
+# seconds at first, a few once inductor has cached it) is then a small part of the job
+COMPILE_AUTO_IMAGE_STEPS = 300_000
+
+
+def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[nn.Module, str]:
+    """The model to sample with under sample.compile, and what the note line says of it.
+
+    true compiles; auto compiles a CPU job of at least COMPILE_AUTO_IMAGE_STEPS, on a first batch
+    of zeros (so that the compile happens here, not inside the progress bar), and keeps the eager
+    model, saying why, if compiling fails: a speed-up asked for by no one must not stop the job."""
+    s = cfg.sample
+    job = s.n * cfg.reverse_steps
+    if s.compile is False or (s.compile == "auto" and (runtime.device.type != "cpu" or job < COMPILE_AUTO_IMAGE_STEPS)):
+        return model, ""
+    compiled = torch.compile(model, dynamic=False)
+    if s.compile is True:
+        return compiled, ", compiled"
+    indices = range(min(s.batch_size, s.n))
+    try:
+        with torch.inference_mode(), autocast(runtime):
+            for_images(compiled, cfg, indices, runtime.device)(
+                torch.zeros(len(indices), *IMAGE_SHAPE, device=runtime.device),
+                torch.zeros(len(indices), dtype=torch.long, device=runtime.device))
+    except Exception as exc:  # any failure of the compiler (no C++ compiler, say)
+        return model, f", not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})"
+    return compiled, ", compiled (sample.compile: auto)"
 
 
 

@@ -17,8 +17,8 @@ Measured in one run, on one device:
 - with --compare: training images/s and sampling image-steps/s for torch.compile on and off and
   channels_last on and off (training), compile and the CUDA graph on and off (sampling), in one run;
 - with --options: the reverse loop's image-steps/s for each way of running it (autograd off by
-  no_grad or inference_mode, weights cast to bf16, torch.compile with and without freezing,
-  channels_last, the batch size), with each one's largest difference from the default's images;
+  no_grad or inference_mode, weights cast to bf16, torch.compile, with channels_last too, the
+  batch size), with each one's largest difference from the default's images;
 - with --busy: the reverse loop and the training step alone and beside a second process that keeps
   one core busy, for each thread setting (all cores, one thread, OpenMP's passive waiting, and
   runtime.threads: 0, the default), each in a process of its own;
@@ -309,12 +309,9 @@ class Bf16Weights(torch.nn.Module):
         return self.model(x.to(torch.bfloat16), t, class_labels)
 
 
-def compiled(model: torch.nn.Module, *, freezing: bool = False, channels_last: bool = False) -> torch.nn.Module:
-    """torch.compile of a copy of the model (a graph of its own), optionally with inductor's freezing
-    (weights folded in as constants) or in channels_last."""
-    import torch._inductor.config as inductor
-
-    inductor.freezing = freezing
+def compiled(model: torch.nn.Module, *, channels_last: bool = False) -> torch.nn.Module:
+    """torch.compile of a copy of the model, optionally in channels_last. (Inductor's freezing is
+    not among the options: within one process, dynamo reuses the graph already compiled.)"""
     model = copy.deepcopy(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -334,7 +331,6 @@ def sampling_options(training: Training, batch: int, with_compile: bool = True
         options["weights cast to bf16 once"] = (Bf16Weights(model), fp32, torch.inference_mode, batch)
     if with_compile:
         options["compile"] = (compiled(model), runtime, torch.inference_mode, batch)
-        options["compile, freezing"] = (compiled(model, freezing=True), runtime, torch.inference_mode, batch)
         options["compile, channels_last"] = (compiled(model, channels_last=True), runtime, torch.inference_mode,
                                              batch)
     for size in (16, 32, 64, 128):

@@ -14,7 +14,7 @@ from conftest import FIXTURE_ROOT, SMOKE, run_cli
 from helpers import digest, one_line_error, step_at
 from PIL import Image
 
-from ddpm_mnist.config import SampleRequest, ScheduleConfig
+from ddpm_mnist.config import SampleRequest, ScheduleConfig, load_config
 from ddpm_mnist.images import load_samples
 from ddpm_mnist.maths.diffusion import spaced_timesteps
 from ddpm_mnist.maths.samplers import SAMPLERS, make_sampler
@@ -454,3 +454,68 @@ def test_sample_and_runtime_keys_can_change(trained_run: Path, tmp_path: Path, c
                              "--set", "seed=5")
     assert code == 0, err
     assert "3 steps (leading), seed 5" in out
+
+
+class FakeCompile:
+    """Stands in for torch.compile: records the call, and the compiled model fails if `broken`."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.calls, self.broken = 0, broken
+
+    def __call__(self, model: torch.nn.Module, **options: object) -> torch.nn.Module:
+        self.calls += 1
+        fake = self
+
+        class Compiled(torch.nn.Module):
+            def forward(self, *args: object) -> torch.Tensor:
+                if fake.broken:
+                    raise RuntimeError("no C++ compiler")
+                return model(*args)
+
+        return Compiled()
+
+
+@pytest.mark.parametrize("setting, n, steps, device, compiles", [
+    ("auto", 300, 1000, "cpu", True),  # 300,000 image-steps: worth compiling
+    ("auto", 64, 1000, "cpu", False),  # a grid of 64: the compile would cost more than it saves
+    ("auto", 1000, 1000, "cuda", False),  # CUDA replays CUDA graphs instead
+    (False, 1000, 1000, "cpu", False),
+    (True, 4, 10, "cpu", True),
+])
+def test_sample_compile_auto_compiles_only_jobs_long_enough(monkeypatch, setting: object, n: int, steps: int,
+                                                              device: str, compiles: bool) -> None:
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
+    from ddpm_mnist.sample import compiled_for
+
+    fake = FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    cfg = load_config(SMOKE, [f"sample.compile={str(setting).lower()}", f"sample.n={n}", f"sample.steps={steps}",
+                              "sample.batch_size=2"])
+    model = UNet(cfg.model).eval()
+    runtime = Runtime(torch.device(device), None, "float32")
+    chosen, note = compiled_for(model, cfg, runtime)
+    assert fake.calls == int(compiles) and (chosen is not model) == compiles
+    assert ("compiled" in note) == compiles
+
+
+def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch) -> None:
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
+    from ddpm_mnist.sample import compiled_for
+
+    monkeypatch.setattr(torch, "compile", FakeCompile(broken=True))
+    cfg = load_config(SMOKE, ["sample.n=1000", "sample.steps=300", "sample.batch_size=2"])  # auto
+    model = UNet(cfg.model).eval()
+    chosen, note = compiled_for(model, cfg, Runtime(torch.device("cpu"), None, "float32"))
+    assert chosen is model and "not compiled (RuntimeError: no C++ compiler)" in note
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("true", True), ("false", True), ("maybe", False),
+                                       ("1", False)])
+def test_sample_compile_takes_true_false_or_auto(value: str, ok: bool, capsys) -> None:
+    code, out, err = run_cli(capsys, "config", "--config", SMOKE, "--set", f"sample.compile={value}")
+    if ok:
+        assert code == 0 and f"compile: {value}" in out
+    else:
+        one_line_error(code, err, "sample.compile: must be true, false or auto")

@@ -72,6 +72,11 @@ def _coerce(value: Any, kind: Any, key: str, meta: dict, source: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key}: must be true or false, got {describe_value(value)}")
         return value
+    if kind == bool | str:  # a switch that also takes a word, such as "auto"
+        if isinstance(value, bool) or value in meta["choices"]:
+            return value
+        raise ConfigError(f"{source}: {key}: must be true, false or {' or '.join(meta['choices'])}, "
+                          f"got {describe_value(value)}")
     if kind in (int, float):
         return _coerce_number(value, kind, key, meta, source)
     if kind is str:

@@ -182,7 +182,10 @@ class SampleConfig:
     clip_sample_range: float = param(1.0, "clip bound for the predicted x0 (images lie in [-1, 1])", gt=0, le=1000)
     batch_size: int = param(256, "images per forward pass (does not change the images)", ge=1, le=65536)
     use_ema: bool = param(True, "sample with the EMA weights")
-    compile: bool = param(False, "torch.compile the model for sampling")
+    compile: bool | str = param(
+        "auto", "torch.compile the model for sampling: true, false, or auto (on the CPU, for jobs of at least "
+        "300,000 image-steps, which repay the compile; inductor caches it for the next process)", choices=("auto",),
+    )
     cuda_graph: bool = param(True, "on CUDA, replay each reverse step from one captured CUDA graph")
     digits: list[int] = param(
         [], "conditional models: the digits drawn, image k is digits[k mod len] (empty: 0 to 9 in turn)"
