@@ -8,7 +8,9 @@ on the other images in its batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,12 +188,14 @@ class Sampling:
     runtime: Runtime
     static: bool  # run the steps on fixed buffers (CUDA graphs on CUDA)
     note: str  # one line: what is sampled, how, where
+    eager: nn.Module | None = None  # under sample.compile: auto, the model to keep if compiling fails
 
     def batches(self, n: int, seed: int, batch_size: int, *, on_step: StepCallback | None = None,
                 desc: str = "sample") -> Iterator[tuple[int, torch.Tensor]]:
         """(index of the first image, uint8 (b, 1, 28, 28)) batch by batch; image k depends only on (seed, k).
 
         `on_step` sees every step of the first batch (for a trajectory)."""
+        self.compile_now(min(batch_size, n))
         batches = math.ceil(n / batch_size)
         with tqdm(total=self.reverse.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
             for first in range(0, n, batch_size):
@@ -201,6 +205,23 @@ class Sampling:
                 x = generate(model, self.reverse, noise, self.runtime, on_step=on_step if first == 0 else None,
                              progress=bar.update, static=self.static)
                 yield first, to_uint8(x.cpu())
+
+    def compile_now(self, batch_size: int) -> None:
+        """Under sample.compile: auto, compile on a batch of zeros (after the callers' memory checks,
+        before the progress bar); keep the eager model, and say why, if the compiler fails: a
+        speed-up no one asked for must not stop the job."""
+        if self.eager is None:
+            return
+        indices = range(batch_size)
+        try:
+            with torch.inference_mode(), autocast(self.runtime):
+                for_images(self.model, self.cfg, indices, self.runtime.device)(
+                    torch.zeros(batch_size, *IMAGE_SHAPE, device=self.runtime.device),
+                    torch.zeros(batch_size, dtype=torch.long, device=self.runtime.device))
+        except Exception as exc:  # any failure of the compiler (no C++ compiler, say)
+            print(f"note: sample.compile: auto: not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})")
+            self.model = self.eager
+        self.eager = None
 
     def labels(self, n: int) -> torch.Tensor | None:
         """The digits images 0 .. n-1 were asked to be, (n,) int64 on the CPU; None if unconditional."""
@@ -254,11 +275,42 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     which = "EMA" if s.use_ema else "raw"
     spacing = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
     weights = state.get("source") or f"{which} weights of step {state['step']:,}"
-    model, compiled = compiled_for(model.to(runtime.device), cfg, runtime)
+    model = model.to(runtime.device)
+    cfg, batch = with_batch_size(model, cfg, runtime)
+    model, eager, compiled = compiled_for(model, cfg, runtime)
     note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {weights}, "
-            f"{runtime.device}, {runtime.precision_note}" + (", CUDA graph" if static else "") + compiled
+            f"{runtime.device}, {runtime.precision_note}, {batch}" + (", CUDA graph" if static else "") + compiled
             + conditioning(cfg))
-    return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note)
+    return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager)
+
+
+BATCH_SIZES = (16, 32, 64, 128, 256)  # what sample.batch_size: 0 chooses from
+
+
+def with_batch_size(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[Config, str]:
+    """The config with sample.batch_size resolved, and what the note line says of it. 0 picks the
+    candidate (at most n) whose forward costs least per image on this machine, timed on zeros: the
+    fastest batch differs from one CPU to the next, and the images do not depend on it."""
+    s = cfg.sample
+    if s.batch_size:
+        return cfg, f"batch {min(s.batch_size, s.n)}"
+    available = available_memory_bytes(runtime.device) or 2**62
+    sizes = [size for size in BATCH_SIZES if size <= s.n and 4 * sampling_memory_bytes(cfg.model, size, 0) < available]
+    sizes = sizes or [min(s.n, BATCH_SIZES[0])]
+    cost = {}
+    with torch.inference_mode(), autocast(runtime):
+        for size in sizes:
+            net = for_images(model, cfg, range(size), runtime.device)
+            x = torch.zeros(size, *IMAGE_SHAPE, device=runtime.device)
+            t = torch.full((size,), cfg.schedule.num_timesteps // 2, device=runtime.device)
+            net(x, t)  # allocations and the kernels' first choice, untimed
+            started = time.perf_counter()
+            net(x, t)
+            net(x, t).sum().item()  # .item(): the queued work is done (CUDA)
+            cost[size] = (time.perf_counter() - started) / (2 * size)
+    fastest = min(cost, key=cost.__getitem__)
+    note = f"batch {fastest} (the fastest of {', '.join(map(str, sizes))} here)"
+    return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=fastest)), note
 
 
 # sample.compile: auto compiles CPU jobs of at least this many image-steps: the compile (tens of
@@ -266,30 +318,18 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
 COMPILE_AUTO_IMAGE_STEPS = 300_000
 
 
-def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[nn.Module, str]:
-    """The model to sample with under sample.compile, and what the note line says of it.
-
-    true compiles; auto compiles a CPU job of at least COMPILE_AUTO_IMAGE_STEPS, on a first batch
-    of zeros (so that the compile happens here, not inside the progress bar), and keeps the eager
-    model, saying why, if compiling fails: a speed-up asked for by no one must not stop the job."""
+def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[nn.Module, nn.Module | None, str]:
+    """(the model to sample with under sample.compile, the eager one to fall back to if an auto
+    compile fails (see `Sampling.compile_now`), and what the note line says). true compiles; auto
+    compiles a CPU job of at least COMPILE_AUTO_IMAGE_STEPS."""
     s = cfg.sample
     job = s.n * cfg.reverse_steps
     if s.compile is False or (s.compile == "auto" and (runtime.device.type != "cpu" or job < COMPILE_AUTO_IMAGE_STEPS)):
-        return model, ""
+        return model, None, ""
     compiled = torch.compile(model, dynamic=False)
     if s.compile is True:
-        return compiled, ", compiled"
-    indices = range(min(s.batch_size, s.n))
-    try:
-        with torch.inference_mode(), autocast(runtime):
-            for_images(compiled, cfg, indices, runtime.device)(
-                torch.zeros(len(indices), *IMAGE_SHAPE, device=runtime.device),
-                torch.zeros(len(indices), dtype=torch.long, device=runtime.device))
-    except Exception as exc:  # any failure of the compiler (no C++ compiler, say)
-        return model, f", not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})"
-    return compiled, ", compiled (sample.compile: auto)"
-
-
+        return compiled, None, ", compiled"
+    return compiled, model, ", compiled (sample.compile: auto)"
 
 
 def sampling_configs(ckpt_path: Path, requests: list[SampleRequest], overrides: list[str] | None

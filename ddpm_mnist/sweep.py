@@ -118,7 +118,7 @@ def sweep(ckpt_path: Path, settings: list[SampleRequest], *, request: SampleRequ
     rows = []
     for setting in settings:  # one model at a time: a long sweep holds one setting's memory, not all of theirs
         run = prepare_sampling(ckpt_path, request.merged(setting), overrides, device_name, contents=contents)
-        run.check_memory(first.sample.n, first.sample.batch_size, images_kept=first.sample.n)
+        run.check_memory(first.sample.n, run.cfg.sample.batch_size, images_kept=first.sample.n)
         rows.append(measure(run, setting, reference))
         print(format_row(rows[-1]))
     report = {"n": first.sample.n, "seed": first.seed, "checkpoint": str(ckpt_path), "rows": rows,

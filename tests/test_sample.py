@@ -141,6 +141,8 @@ def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, 
     c = run("c", n=6, seed=1, batch_size=4)
     assert torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "c.pt"))
     assert digest(a) == digest(c)
+    run("d", n=6, seed=1, batch_size=0)  # the fastest batch measured here, whichever it is
+    assert torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
     run("d", n=6, seed=2)
     assert not torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
     # image k does not depend on how many images were asked for
@@ -494,21 +496,26 @@ def test_sample_compile_auto_compiles_only_jobs_long_enough(monkeypatch, setting
                               "sample.batch_size=2"])
     model = UNet(cfg.model).eval()
     runtime = Runtime(torch.device(device), None, "float32")
-    chosen, note = compiled_for(model, cfg, runtime)
+    chosen, eager, note = compiled_for(model, cfg, runtime)
     assert fake.calls == int(compiles) and (chosen is not model) == compiles
     assert ("compiled" in note) == compiles
+    assert (eager is model) == (compiles and setting == "auto")  # only auto falls back, if it must
 
 
-def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch) -> None:
+def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch, capsys) -> None:
     from ddpm_mnist.device import Runtime
     from ddpm_mnist.maths.unet import UNet
-    from ddpm_mnist.sample import compiled_for
+    from ddpm_mnist.sample import Sampling, compiled_for, sampler_for
 
     monkeypatch.setattr(torch, "compile", FakeCompile(broken=True))
     cfg = load_config(SMOKE, ["sample.n=1000", "sample.steps=300", "sample.batch_size=2"])  # auto
     model = UNet(cfg.model).eval()
-    chosen, note = compiled_for(model, cfg, Runtime(torch.device("cpu"), None, "float32"))
-    assert chosen is model and "not compiled (RuntimeError: no C++ compiler)" in note
+    runtime = Runtime(torch.device("cpu"), None, "float32")
+    chosen, eager, _ = compiled_for(model, cfg, runtime)
+    run = Sampling(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager)
+    images = torch.cat([batch for _, batch in run.batches(3, 0, 2)])
+    assert run.model is model and images.shape == (3, 1, 28, 28)
+    assert "not compiled (RuntimeError: no C++ compiler)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value, ok", [("auto", True), ("true", True), ("false", True), ("maybe", False),
@@ -519,3 +526,16 @@ def test_sample_compile_takes_true_false_or_auto(value: str, ok: bool, capsys) -
         assert code == 0 and f"compile: {value}" in out
     else:
         one_line_error(code, err, "sample.compile: must be true, false or auto")
+
+
+@pytest.mark.parametrize("asked, n, allowed", [(0, 40, {16, 32}), (0, 5, {5}), (0, 300, {16, 32, 64, 128, 256}),
+                                               (7, 40, {7})])
+def test_batch_size_0_times_the_candidates_up_to_n(asked: int, n: int, allowed: set[int]) -> None:
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
+    from ddpm_mnist.sample import with_batch_size
+
+    cfg = load_config(SMOKE, [f"sample.batch_size={asked}", f"sample.n={n}"])
+    resolved, note = with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
+    assert resolved.sample.batch_size in allowed and note.startswith(f"batch {resolved.sample.batch_size}")
+    assert ("the fastest of" in note) == (asked == 0)
