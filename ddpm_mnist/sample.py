@@ -189,6 +189,7 @@ class Sampling:
     static: bool  # run the steps on fixed buffers (CUDA graphs on CUDA)
     note: str  # one line: what is sampled, how, where
     eager: nn.Module | None = None  # under sample.compile: auto, the model to keep if compiling fails
+    compiled: bool = False  # one shape for every batch: the last one is filled up with images past n
 
     def batches(self, n: int, seed: int, batch_size: int, *, on_step: StepCallback | None = None,
                 desc: str = "sample") -> Iterator[tuple[int, torch.Tensor]]:
@@ -199,12 +200,13 @@ class Sampling:
         batches = math.ceil(n / batch_size)
         with tqdm(total=self.reverse.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
             for first in range(0, n, batch_size):
-                indices = range(first, min(first + batch_size, n))
+                last = min(first + batch_size, n)
+                indices = range(first, first + batch_size if self.compiled else last)  # images past n: dropped
                 noise = NoiseSource(seed, indices, self.runtime.device)
                 model = for_images(self.model, self.cfg, indices, self.runtime.device)
                 x = generate(model, self.reverse, noise, self.runtime, on_step=on_step if first == 0 else None,
                              progress=bar.update, static=self.static)
-                yield first, to_uint8(x.cpu())
+                yield first, to_uint8(x[: last - first].cpu())
 
     def compile_now(self, batch_size: int) -> None:
         """Under sample.compile: auto, compile on a batch of zeros (after the callers' memory checks,
@@ -220,7 +222,7 @@ class Sampling:
                     torch.zeros(batch_size, dtype=torch.long, device=self.runtime.device))
         except Exception as exc:  # any failure of the compiler (no C++ compiler, say)
             print(f"note: sample.compile: auto: not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})")
-            self.model = self.eager
+            self.model, self.compiled = self.eager, False
         self.eager = None
 
     def labels(self, n: int) -> torch.Tensor | None:
@@ -281,7 +283,7 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {weights}, "
             f"{runtime.device}, {runtime.precision_note}, {batch}" + (", CUDA graph" if static else "") + compiled
             + conditioning(cfg))
-    return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager)
+    return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager, bool(compiled))
 
 
 BATCH_SIZES = (16, 32, 64, 128, 256)  # what sample.batch_size: 0 chooses from

@@ -508,13 +508,13 @@ def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch
     from ddpm_mnist.sample import Sampling, compiled_for, sampler_for
 
     monkeypatch.setattr(torch, "compile", FakeCompile(broken=True))
-    cfg = load_config(SMOKE, ["sample.n=1000", "sample.steps=300", "sample.batch_size=2"])  # auto
+    cfg = load_config(SMOKE, ["sample.n=1000", "sample.steps=300", "sample.batch_size=2", "sample.compile=auto"])
     model = UNet(cfg.model).eval()
     runtime = Runtime(torch.device("cpu"), None, "float32")
     chosen, eager, _ = compiled_for(model, cfg, runtime)
-    run = Sampling(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager)
+    run = Sampling(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager, compiled=True)
     images = torch.cat([batch for _, batch in run.batches(3, 0, 2)])
-    assert run.model is model and images.shape == (3, 1, 28, 28)
+    assert run.model is model and not run.compiled and images.shape == (3, 1, 28, 28)
     assert "not compiled (RuntimeError: no C++ compiler)" in capsys.readouterr().out
 
 
@@ -539,3 +539,27 @@ def test_batch_size_0_times_the_candidates_up_to_n(asked: int, n: int, allowed: 
     resolved, note = with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
     assert resolved.sample.batch_size in allowed and note.startswith(f"batch {resolved.sample.batch_size}")
     assert ("the fastest of" in note) == (asked == 0)
+
+
+def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> None:
+    """A compiled model keeps one shape: the last batch runs full, and the images past n are dropped."""
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
+    from ddpm_mnist.sample import Sampling, sampler_for
+
+    cfg = load_config(SMOKE, ["sample.steps=5"])
+    torch.manual_seed(0)
+    model = UNet(cfg.model).eval()
+    shapes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(len(args[0])))
+    runtime = Runtime(torch.device("cpu"), None, "float32")
+
+    def images(compiled: bool) -> torch.Tensor:
+        run = Sampling(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=compiled)
+        return torch.cat([batch for _, batch in run.batches(5, 0, 3)])
+
+    eager = images(False)
+    assert sorted(set(shapes)) == [2, 3]
+    shapes.clear()
+    filled = images(True)
+    assert set(shapes) == {3} and torch.equal(filled, eager)

@@ -186,8 +186,8 @@ class SampleConfig:
     )
     use_ema: bool = param(True, "sample with the EMA weights")
     compile: bool | str = param(
-        "auto", "torch.compile the model for sampling: true, false, or auto (on the CPU, for jobs of at least "
-        "300,000 image-steps, which repay the compile; inductor caches it for the next process)", choices=("auto",),
+        False, "torch.compile the model for sampling: true, false, or auto (on the CPU, only jobs of at least "
+        "300,000 image-steps; inductor caches the compile for the next process)", choices=("auto",),
     )
     cuda_graph: bool = param(True, "on CUDA, replay each reverse step from one captured CUDA graph")
     digits: list[int] = param(
