@@ -31,23 +31,25 @@ class CpuThreads:
 
     OpenMP splits every operation across the threads and waits for the last of them: one thread on a
     core that another busy process also wants holds every operation up, while a thread per free core
-    keeps the pace of that core. `adapt()` is called between steps; every `every` seconds it reads how
+    keeps the pace of that core. `adapt()` is called between steps; every `every` seconds (by `clock`) it reads how
     much CPU time the machine spent outside this process (`read`: seconds since boot of the wall
     clock, of all busy time on the cores this process may use, and of this process's own CPU time)
     and sets the thread count from it.
     """
 
-    def __init__(self, cores: int, every: float = 2.0, read: Callable[[], tuple[float, float, float]] | None = None
-                 ) -> None:
-        self.cores, self.every = cores, every
+    def __init__(self, cores: int, every: float = 2.0, read: Callable[[], tuple[float, float, float]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cores, self.every, self.clock = cores, every, clock
         self.read = read or read_cpu_use
         self.last = self.read()
+        self.due = self.last[0] + every
 
     def adapt(self) -> None:
+        if self.clock() < self.due:  # between readings: one clock call a step, no file read
+            return
         wall, busy, own = self.read()
         elapsed = wall - self.last[0]
-        if elapsed < self.every:
-            return
+        self.due = wall + self.every
         others = max(0.0, (busy - self.last[1]) - (own - self.last[2])) / elapsed  # in cores
         self.last = (wall, busy, own)
         wanted = min(self.cores, max(1, self.cores - math.floor(others + 0.6)))  # 0.4 of a core taken counts

@@ -214,12 +214,8 @@ class Sampling:
         speed-up no one asked for must not stop the job."""
         if self.eager is None:
             return
-        indices = range(batch_size)
         try:
-            with torch.inference_mode(), autocast(self.runtime):
-                for_images(self.model, self.cfg, indices, self.runtime.device)(
-                    torch.zeros(batch_size, *IMAGE_SHAPE, device=self.runtime.device),
-                    torch.zeros(batch_size, dtype=torch.long, device=self.runtime.device))
+            forward_on_zeros(self.model, self.cfg, batch_size, self.runtime)
         except Exception as exc:  # any failure of the compiler (no C++ compiler, say)
             print(f"note: sample.compile: auto: not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})")
             self.model, self.compiled = self.eager, False
@@ -286,6 +282,16 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager, bool(compiled))
 
 
+@torch.inference_mode()
+def forward_on_zeros(model: nn.Module, cfg: Config, size: int, runtime: Runtime) -> torch.Tensor:
+    """One forward of the model that draws images 0 .. size-1 on zeros at t = T/2: to time a batch
+    or to compile for its shape."""
+    x = torch.zeros(size, *IMAGE_SHAPE, device=runtime.device)
+    t = torch.full((size,), cfg.schedule.num_timesteps // 2, device=runtime.device)
+    with autocast(runtime):
+        return for_images(model, cfg, range(size), runtime.device)(x, t)
+
+
 BATCH_SIZES = (16, 32, 64, 128, 256)  # what sample.batch_size: 0 chooses from
 
 
@@ -300,23 +306,19 @@ def with_batch_size(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[Co
     sizes = [size for size in BATCH_SIZES if size <= s.n and 4 * sampling_memory_bytes(cfg.model, size, 0) < available]
     sizes = sizes or [min(s.n, BATCH_SIZES[0])]
     cost = {}
-    with torch.inference_mode(), autocast(runtime):
-        for size in sizes:
-            net = for_images(model, cfg, range(size), runtime.device)
-            x = torch.zeros(size, *IMAGE_SHAPE, device=runtime.device)
-            t = torch.full((size,), cfg.schedule.num_timesteps // 2, device=runtime.device)
-            net(x, t)  # allocations and the kernels' first choice, untimed
-            started = time.perf_counter()
-            net(x, t)
-            net(x, t).sum().item()  # .item(): the queued work is done (CUDA)
-            cost[size] = (time.perf_counter() - started) / (2 * size)
+    for size in sizes:
+        forward_on_zeros(model, cfg, size, runtime)  # allocations and the kernels' first choice, untimed
+        started = time.perf_counter()
+        forward_on_zeros(model, cfg, size, runtime)
+        forward_on_zeros(model, cfg, size, runtime).sum().item()  # .item(): the queued work is done (CUDA)
+        cost[size] = (time.perf_counter() - started) / (2 * size)
     fastest = min(cost, key=cost.__getitem__)
     note = f"batch {fastest} (the fastest of {', '.join(map(str, sizes))} here)"
     return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=fastest)), note
 
 
-# sample.compile: auto compiles CPU jobs of at least this many image-steps: the compile (tens of
-# seconds at first, a few once inductor has cached it) is then a small part of the job
+# sample.compile: auto compiles CPU jobs of at least this many image-steps, long enough for the
+# compile to be a small part of the job
 COMPILE_AUTO_IMAGE_STEPS = 300_000
 
 

@@ -26,33 +26,39 @@ def keep_threads():
 
 
 class FakeMachine:
-    """What `read_cpu_use` would say: the clock advances one second a call; `others` cores of busy
-    time are spent outside this process, `own` cores inside it."""
+    """What `read_cpu_use` would say (a call) on a clock that advances one second each time it is
+    read (`clock`): in each second `others` cores of busy time are spent outside this process, `own`
+    cores inside it. `reads` counts the readings."""
 
     def __init__(self, others: float, own: float = 1.0) -> None:
-        self.others, self.own, self.wall, self.busy, self.mine = others, own, 0.0, 0.0, 0.0
+        self.others, self.own, self.wall, self.busy, self.mine, self.reads = others, own, 0.0, 0.0, 0.0, 0
 
-    def __call__(self) -> tuple[float, float, float]:
+    def clock(self) -> float:
         self.wall += 1.0
         self.mine += self.own
         self.busy += self.own + self.others
+        return self.wall
+
+    def __call__(self) -> tuple[float, float, float]:
+        self.reads += 1
         return self.wall, self.busy, self.mine
 
 
 @pytest.mark.parametrize("others, threads", [(0.0, 4), (0.3, 4), (0.5, 3), (1.0, 3), (2.0, 2), (3.6, 1), (9.0, 1)])
 def test_each_core_other_processes_keep_busy_takes_one_thread(others: float, threads: int) -> None:
     torch.set_num_threads(4)
-    governor = CpuThreads(4, every=2.0, read=FakeMachine(others))
-    governor.adapt()  # one second since the first reading: too soon to judge
-    assert torch.get_num_threads() == 4
+    machine = FakeMachine(others)
+    governor = CpuThreads(4, every=2.0, read=machine, clock=machine.clock)
+    governor.adapt()  # one second since the first reading: too soon to judge, and nothing read
+    assert torch.get_num_threads() == 4 and machine.reads == 1
     governor.adapt()
-    assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads and machine.reads == 2
 
 
 def test_the_threads_come_back_when_the_other_process_stops() -> None:
     torch.set_num_threads(2)
     machine = FakeMachine(others=1.0)
-    governor = CpuThreads(2, every=1.0, read=machine)
+    governor = CpuThreads(2, every=1.0, read=machine, clock=machine.clock)
     governor.adapt()
     assert torch.get_num_threads() == 1
     machine.others = 0.0
