@@ -74,6 +74,11 @@ def attention_head_dim(model: ModelConfig) -> int:
 
 def unet_config(model: ModelConfig) -> dict[str, Any]:
     """diffusers' UNet2DModel config for our U-Net."""
+    if model.patch_size != 1:
+        raise UserError(
+            f"diffusers' UNet2DModel cannot represent this model: model.patch_size {model.patch_size} (pixels "
+            "unshuffled into channels before the first level) has no UNet2DModel equivalent; export needs patch_size 1"
+        )
     levels = [28 // 2**level in model.attention_resolutions for level in range(len(model.channel_mult))]
     return {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
@@ -86,8 +91,11 @@ def unet_config(model: ModelConfig) -> dict[str, Any]:
         "layers_per_block": model.num_res_blocks, "mid_block_scale_factor": 1, "downsample_padding": 1,
         "downsample_type": "conv", "upsample_type": "conv", "dropout": model.dropout, "act_fn": "silu",
         "attention_head_dim": attention_head_dim(model), "norm_num_groups": model.num_groups,
-        "attn_norm_num_groups": None, "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
-        "class_embed_type": None, "num_class_embeds": model.num_classes + 1 if model.num_classes else None,
+        # the middle attention's GroupNorm: diffusers drops it under scale_shift unless given its groups
+        "attn_norm_num_groups": model.num_groups if model.time_conditioning == "scale_shift" else None,
+        "norm_eps": 1e-5, "add_attention": True, "class_embed_type": None,
+        "resnet_time_scale_shift": "scale_shift" if model.time_conditioning == "scale_shift" else "default",
+        "num_class_embeds": model.num_classes + 1 if model.num_classes else None,
     }
 
 
@@ -282,8 +290,8 @@ FIXED_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "center_in
               "time_embedding_type": "positional", "freq_shift": 0, "flip_sin_to_cos": True,
               "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_padding": 1,
               "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu", "norm_eps": 1e-5,
-              "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-              "attn_norm_num_groups": None}
+              "add_attention": True, "class_embed_type": None}
+TIME_CONDITIONING = {"default": "add", "scale_shift": "scale_shift"}  # resnet_time_scale_shift -> ours
 
 
 def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -310,6 +318,13 @@ def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
     head_dim = unet.get("attention_head_dim")
     if not isinstance(head_dim, int) or head_dim <= 0 or channels[-1] % head_dim:
         raise CheckpointError(f"{where}: attention_head_dim must divide block_out_channels[-1], got {head_dim!r}")
+    shift = unet.get("resnet_time_scale_shift", "default")
+    if shift not in TIME_CONDITIONING:
+        raise CheckpointError(f"{where}: resnet_time_scale_shift is {shift!r}; ddpm-mnist has 'default' or "
+                              "'scale_shift'")
+    if unet.get("attn_norm_num_groups") not in ({None} if shift == "default" else {unet.get("norm_num_groups", 32)}):
+        raise CheckpointError(f"{where}: attn_norm_num_groups is {unet.get('attn_norm_num_groups')!r}; ddpm-mnist's "
+                              "attention blocks normalise with norm_num_groups")
     classes = unet.get("num_class_embeds")
     if classes not in (None, 11):
         raise CheckpointError(f"{where}: num_class_embeds must be null or 11 (digits and 'no class'), got {classes!r}")
@@ -317,7 +332,8 @@ def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
             "num_res_blocks": unet.get("layers_per_block", 2),
             "attention_resolutions": [28 // 2**level for level, a in enumerate(attention) if a],
             "num_heads": channels[-1] // head_dim, "dropout": unet.get("dropout", 0.0),
-            "num_groups": unet.get("norm_num_groups", 32), "num_classes": 10 if classes else 0}
+            "num_groups": unet.get("norm_num_groups", 32), "num_classes": 10 if classes else 0,
+            "time_conditioning": TIME_CONDITIONING[shift]}
 
 
 def schedule_from_scheduler(scheduler: dict[str, Any], where: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:

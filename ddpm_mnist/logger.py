@@ -155,13 +155,14 @@ class TrainLogger:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
 
-    def length_fixed(self, steps: int, step: int, budget: str) -> None:
-        """A time budget's length is fixed: the bar's total becomes it (and its ETA the budget's)."""
+    def length_fixed(self, steps: int, step: int, budget: str, fixed_before: int) -> None:
+        """A time budget's length is fixed (or corrected): the bar's total becomes it (and its ETA the budget's)."""
         self.bar.total = steps
         self.bar.refresh()
         if self.writer is not None and self.budget is not None:
-            tqdm.write(f"time budget {budget}: {steps:,} steps (measured {self.budget.rate:.1f} steps/s over steps "
-                       f"{self.budget.mark_step:,} to {step:,})")
+            what = "corrected to " if fixed_before else ""
+            tqdm.write(f"time budget {budget}: {what}{steps:,} steps (measured {self.budget.rate:.1f} steps/s over "
+                       f"steps {self.budget.mark_step:,} to {step:,})")
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         """A (3, H, W) uint8 image, such as a preview grid."""

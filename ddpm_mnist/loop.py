@@ -34,7 +34,7 @@ from ddpm_mnist.distributed import (
 )
 from ddpm_mnist.errors import RunError, Stopped
 from ddpm_mnist.logger import Interval, TrainLogger
-from ddpm_mnist.maths.diffusion import training_losses
+from ddpm_mnist.maths.diffusion import training_losses, training_timesteps
 from ddpm_mnist.trainstate import (
     StepBudget,
     TrainState,
@@ -133,8 +133,9 @@ def read_budget(budget: StepBudget, cfg: Config, total: int, state: TrainState, 
     fixed = gather(ddp, budget.reading(state.step, runtime.device))[0]  # rank 0's clock decides
     if fixed is None:
         return cfg, total
-    budget.stop_reading()
-    return fix_length(cfg, state, fixed, folder, ddp, log), fixed
+    log.length_fixed(fixed, state.step, cfg.train.time_budget or state.time_budget, budget.fixes)
+    budget.fixed(state.step, fixed)
+    return fix_length(cfg, state, fixed, folder, ddp), fixed
 
 
 def log_interval(log: TrainLogger, interval: Interval, state: TrainState, training: TrainConfig, folder: RunFolder,
@@ -171,13 +172,12 @@ def length_from_checkpoint(cfg: Config, resume_from: Resume | None, say: bool) -
     return with_fixed_length(cfg, stored.train.steps)
 
 
-def fix_length(cfg: Config, state: TrainState, steps: int, folder: RunFolder, ddp: Dist, log: TrainLogger) -> Config:
+def fix_length(cfg: Config, state: TrainState, steps: int, folder: RunFolder, ddp: Dist) -> Config:
     """Fix a time-budgeted run's length: the lr schedule is laid out over it, and config.yaml and
     every checkpoint from here on say train.steps: `steps`."""
     fixed = with_fixed_length(cfg, steps)
     relay_lr_schedule(state, fixed.train, steps)
     on_main(ddp, functools.partial(folder.write_config, fixed))
-    log.length_fixed(steps, state.step, cfg.train.time_budget)
     return fixed
 
 
@@ -189,9 +189,9 @@ def train_step(state: TrainState, forward: nn.Module, schedule: NoiseSchedule, b
     x0 = batches.batch(state.step)  # (B, 1, 28, 28) in [-1, 1]
     if training.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    # lines 3-4: t ~ Uniform({0, ..., T-1}), eps ~ N(0, I)
-    timesteps = torch.randint(0, schedule.num_timesteps, (training.batch_size,), device=runtime.device,
-                              generator=state.generator)
+    # lines 3-4: t ~ Uniform({0, ..., T-1}) (or stratified over the batch), eps ~ N(0, I)
+    timesteps = training_timesteps(schedule.num_timesteps, training.batch_size, training.timestep_sampling,
+                                   state.generator)
     noise = torch.randn(x0.shape, device=runtime.device, generator=state.generator)
     labels = class_labels(state, batches, cfg, runtime) if cfg.model.num_classes else None
     # line 5: a gradient step on the loss of the prediction

@@ -249,8 +249,7 @@ def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: 
     """A generous estimate of the memory sampling needs: one batch's activations and noise, plus the
     uint8 images kept in memory (twice: the pieces and their concatenation)."""
     floats = 0
-    for level, mult in enumerate(model_cfg.channel_mult):
-        side = 28 // 2**level
+    for side, mult in zip(model_cfg.resolutions(), model_cfg.channel_mult, strict=True):
         floats += model_cfg.base_channels * mult * side * side * (3 * model_cfg.num_res_blocks + 4)  # feature maps
         if side in model_cfg.attention_resolutions:
             floats += model_cfg.num_heads * (side * side) ** 2  # attention scores

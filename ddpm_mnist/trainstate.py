@@ -72,7 +72,7 @@ UNFIXED_STEPS = 10**9  # a time-budgeted run's length until StepBudget fixes it
 
 
 class StepBudget:
-    """train.time_budget: measure the step rate, then fix the run's length once.
+    """train.time_budget: measure the step rate, fix the run's length, then correct it once.
 
     The budget counts from the first step of the loop. The first WARMUP_STEPS steps are not timed
     (allocations, cuDNN's autotuning, compilation); the rate is then read at 20, 40, 80, ... steps
@@ -80,8 +80,11 @@ class StepBudget:
     MEASURE_SHARE of the budget, if longer) after timing began fixes the length: the steps already
     taken, plus the rest of the budget at that rate, less the time previews and metrics will take
     (a preview of n images and k steps costs about n * k / (3 * batch) training steps: a training
-    step is a forward and a backward). Checkpoints are not counted: the closing line says how
-    close the run came.
+    step is a forward and a backward). Halfway from there to the end, a second reading over every
+    step since timing began (previews, metrics and checkpoints included, and whatever else slowed
+    the machine) fixes the length once more, and the lr schedule is laid out again over it: an
+    early rate alone ended equal budgets up to a tenth apart. The closing line says how close the
+    run came.
     """
 
     WARMUP_STEPS = 5
@@ -95,6 +98,7 @@ class StepBudget:
         self.mark_time = math.nan
         self.rate = math.nan  # steps per second at the latest reading
         self.next_reading = self.mark_step
+        self.fixes = 0  # lengths fixed so far: 0, 1 (the first reading), 2 (the correction; no more readings)
         per_step = 0.0  # previews and metrics, in training steps per training step
         if training.sample_every:
             per_step += training.preview_n * training.preview_steps / (3 * training.batch_size) / training.sample_every
@@ -106,24 +110,29 @@ class StepBudget:
         """Whether `step` is a reading (every process calls `reading` then, together)."""
         return step == self.next_reading
 
-    def stop_reading(self) -> None:
-        """The length is fixed (on every process, from rank 0's reading): no more readings."""
-        self.next_reading = -1
+    def fixed(self, step: int, steps: int) -> None:
+        """The length is now `steps` (on every process, from rank 0's reading): after the first fix,
+        one more reading halfway to the end; after that one, none."""
+        self.fixes += 1
+        halfway = step + (steps - step) // 2
+        self.next_reading = halfway if self.fixes == 1 and halfway > step else -1
 
     def reading(self, step: int, device: torch.device) -> int | None:
-        """At a due step: the fixed number of steps, or None while still measuring."""
+        """At a due step: the number of steps to fix, or None while still measuring."""
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the steps queued so far have run
         now = time.perf_counter()
         if step == self.mark_step:
             self.mark_time, self.next_reading = now, step + 20
             return None
-        self.next_reading = self.mark_step + 2 * (step - self.mark_step)
-        if now - self.mark_time < max(self.MEASURE_SECONDS, self.MEASURE_SHARE * self.seconds):
-            return None
+        if self.fixes == 0:
+            self.next_reading = self.mark_step + 2 * (step - self.mark_step)
+            if now - self.mark_time < max(self.MEASURE_SECONDS, self.MEASURE_SHARE * self.seconds):
+                return None
         self.rate = (step - self.mark_step) / (now - self.mark_time)  # steps per second, as measured
         remaining = self.seconds - (now - self.started)
-        return step + max(0, int(remaining * self.rate / (1 + self.overhead)))
+        overhead = self.overhead if self.fixes == 0 else 0.0  # the second rate has them in already
+        return step + max(0, int(remaining * self.rate / (1 + overhead)))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -144,7 +153,8 @@ def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(training.ema_decay, training.ema_warmup), use_buffers=True)
     # fused: one kernel for all parameters, on CPU too (a fraction of the step time of the loop over them)
-    optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.AdamW(parameter_groups(model, training.weight_decay), lr=training.lr,
+                                  betas=(0.9, training.adam_beta2),
                                   fused=runtime.device.type in ("cuda", "cpu"))
     generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, TRAIN_NOISE, rank))
     return TrainState(model, ema, optimizer, make_lr_scheduler(optimizer, training, total_steps), generator,

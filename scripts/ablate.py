@@ -17,6 +17,8 @@ A finished run is reused, so an interrupted ablation continues where it stopped,
 setting that shapes its result is the same (the config file's contents, the overrides, the budget, the
 seed; and for its measurement the sampler, steps and n): `ablate.json` in each run folder records them,
 and the script says which runs it reuses. Every argument is checked before the first run.
+Each row has the minutes the training loop really ran (from its closing line), its steps, images
+and FLOPs per step, so that a win can be read per minute, per image and per FLOP.
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
                 f"train.time_budget={args.budget}", *overrides]
         started = time.perf_counter()
         train = [*ddpm, "train", "--config", str(args.config), "--overwrite"]
-        child([*train, *(x for s in sets for x in ("--set", s))], f"training {run_name}")
-        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+        said = child([*train, *(x for s in sets for x in ("--set", s))], f"training {run_name}")
+        timing = {"wall_seconds": round(time.perf_counter() - started, 1),
+                  "train_seconds": realised_seconds(said, args.budget)}
+        (run_dir / "timing.json").write_text(json.dumps(timing) + "\n")
         done = {"train": wanted["train"]}
         record.write_text(json.dumps(done, indent=2) + "\n")
     if done.get("eval") != wanted["eval"] or not result.is_file():
@@ -104,20 +108,63 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
     else:
         print(f"reusing {run_dir}: trained and measured with these same settings")
     report = json.loads(result.read_text())
-    trained = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    trained = stored["train"]
     return {"variant": name, "overrides": overrides, "seed": seed, "steps": trained["steps"],
-            "batch_size": trained["batch_size"],
-            "train_seconds": float((run_dir / "wall_seconds.txt").read_text()),
+            "batch_size": trained["batch_size"], **timing_of(run_dir),
+            "flops_per_step": step_flops(stored["model"], trained["batch_size"]),
             **{m: report["samples"][m] for m in METRICS}, "floor_fid_mnist": report["floor"]["fid_mnist"]}
 
 
-def child(command: list[str], what: str) -> None:
-    """Run one ddpm command; its failure is one line here (it has said why above), Ctrl-C passes on."""
-    done = subprocess.run(command)
-    if done.returncode in (130, 143, -2, -15):
+def timing_of(run_dir: Path) -> dict:
+    """What timing.json says of a run's training: its process's wall time and the loop's own time
+    (a run trained before timing.json: its wall time only)."""
+    if (run_dir / "timing.json").is_file():
+        return json.loads((run_dir / "timing.json").read_text())
+    return {"wall_seconds": float((run_dir / "wall_seconds.txt").read_text()), "train_seconds": None}
+
+
+DONE = re.compile(r"^done: [0-9,]+ steps in \S+ of a \S+ budget \(([+-][0-9.]+)%\)")
+
+
+def realised_seconds(said: list[str], budget: str) -> float | None:
+    """The training time a run's closing line reports: the budget's own clock (the loop, without
+    start-up), from its share over or under the budget."""
+    for line in said:
+        if match := DONE.match(line):
+            return round(duration_seconds(budget) * (1 + float(match[1]) / 100), 1)
+    return None
+
+
+def step_flops(model: dict, batch_size: int) -> int:
+    """FLOPs of one training step (forward and backward, counted by torch) for this model and batch."""
+    import torch  # here, not at the top: the rest of the script runs without it
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_mnist.config import config_from_dict
+    from ddpm_mnist.maths.unet import UNet
+
+    config = config_from_dict({"model": model}, "the run's config.yaml").model
+    unet = UNet(config)
+    labels = torch.zeros(1, dtype=torch.long) if config.num_classes else None
+    with FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, 1, 28, 28), torch.tensor([500]), labels).square().mean().backward()
+    return counter.get_total_flops() * batch_size
+
+
+def child(command: list[str], what: str) -> list[str]:
+    """Run one ddpm command, passing its output on; its failure is one line here (it has said why
+    above), Ctrl-C passes on. Returns the lines it printed on stdout."""
+    said = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            said.append(line)
+    if process.returncode in (130, 143, -2, -15):
         raise KeyboardInterrupt
-    if done.returncode != 0:
-        fail(f"{what} failed (exit code {done.returncode}; its message is above); finished runs are kept")
+    if process.returncode != 0:
+        fail(f"{what} failed (exit code {process.returncode}; its message is above); finished runs are kept")
+    return said
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -133,9 +180,15 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| variant | seed | steps | images seen | fid_mnist | confidence |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['steps'] * r['batch_size']:,} | "
-            f"{r['fid_mnist']:.1f} | {r['confidence']:.3f} |" for r in rows]
+    """Each run (its realised training time, steps, images and FLOPs, so that a win reads per minute,
+    per image and per FLOP), then each variant's mean over seeds."""
+    out = ["| variant | seed | trained | steps | images seen | GFLOP per step | fid_mnist | confidence |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        trained = "?" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.2f} min"
+        flops = "?" if r.get("flops_per_step") is None else f"{r['flops_per_step'] / 1e9:.1f}"
+        out.append(f"| {r['variant']} | {r['seed']} | {trained} | {r['steps']:,} | {r['steps'] * r['batch_size']:,} | "
+                   f"{flops} | {r['fid_mnist']:.1f} | {r['confidence']:.3f} |")
     out += ["", "| variant | seeds | mean fid_mnist | spread | mean confidence |", "|---|---|---|---|---|"]
     out += [f"| {s['variant']} | {s['seeds']} | {s['fid_mnist']:.1f} | {s['spread']:.1f} | {s['confidence']:.3f} |"
             for s in summary(rows)]

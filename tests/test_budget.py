@@ -62,7 +62,17 @@ def test_reading_fixes_the_length_from_the_measured_rate(monkeypatch) -> None:
     now[0] = 109.0
     assert budget.reading(45, cpu) is None and budget.due(85)
     now[0] = 117.0  # 80 steps in 16 s: 5 steps/s; 83 s of the budget left
-    assert budget.reading(85, cpu) == 85 + int(83 * 5)
+    fixed = budget.reading(85, cpu)
+    assert fixed == 85 + int(83 * 5)
+    budget.fixed(85, fixed)  # every process hears of the length: one more reading, halfway to it
+    halfway = 85 + (fixed - 85) // 2
+    assert [step for step in range(86, fixed) if budget.due(step)] == [halfway]
+    now[0] = 165.0  # 207 steps in 48 s since step 85: slower than measured (a preview, a busy machine)
+    corrected = budget.reading(halfway, cpu)
+    rate = (halfway - 5) / (165.0 - 101.0)  # over every step since timing began
+    assert corrected == halfway + int(35 * rate) and corrected < fixed
+    budget.fixed(halfway, corrected)
+    assert not any(budget.due(step) for step in range(halfway + 1, 10_000))  # never measured again
 
 
 def test_previews_are_counted_in_the_length() -> None:
@@ -75,20 +85,20 @@ def test_previews_are_counted_in_the_length() -> None:
 
 
 def budget_run(cfg: Config, name: str, monkeypatch, **kwargs: object):
-    # a short run: fix the length at the first reading after the mark (step 25), so that later
-    # readings (45, 85, ...) fall inside the run and would show a second fix
+    # a short run: fix the length at the first reading after the mark (step 25), so that the
+    # correction halfway to the end, and any reading after it, fall inside the run
     monkeypatch.setattr(StepBudget, "MEASURE_SECONDS", 0.0)
     monkeypatch.setattr(StepBudget, "MEASURE_SHARE", 0.0)
     return smoke_run(cfg, *BUDGET, f"name={name}", **kwargs)
 
 
 @pytest.mark.slow
-def test_the_length_is_fixed_once_and_recorded(smoke_cfg: Config, capsys, monkeypatch) -> None:
+def test_the_length_is_fixed_corrected_once_and_recorded(smoke_cfg: Config, capsys, monkeypatch) -> None:
     run = budget_run(smoke_cfg, "budget", monkeypatch)
     out = capsys.readouterr()
-    fixed_lines = re.findall(r"time budget [^:]*: ([0-9,]+) steps", out.err + out.out)
-    assert len(fixed_lines) == 1, out  # fixed once, never measured again
-    steps = int(fixed_lines[0].replace(",", ""))
+    fixed_lines = re.findall(r"time budget [^:]*: (corrected to )?([0-9,]+) steps", out.err + out.out)
+    assert [corrected for corrected, _ in fixed_lines] == ["", "corrected to "], out  # never measured again
+    steps = int(fixed_lines[-1][1].replace(",", ""))
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert state["step"] == steps
     stored = checkpoint_config(state, run / "checkpoints" / "latest.pt")
@@ -104,7 +114,7 @@ def test_the_length_is_fixed_once_and_recorded(smoke_cfg: Config, capsys, monkey
 def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, monkeypatch) -> None:
     straight = budget_run(smoke_cfg, "straight", monkeypatch)
     out = capsys.readouterr()
-    fixed_at = int(re.search(r"over steps 5 to ([0-9,]+)\)", out.err + out.out)[1].replace(",", ""))
+    fixed_at = int(re.findall(r"over steps 5 to ([0-9,]+)\)", out.err + out.out)[-1].replace(",", ""))  # corrected
     total = load_checkpoint(straight / "checkpoints" / "latest.pt")["step"]
     # the first checkpoint after the length was fixed, with steps still to go
     candidates = [s for s in range(fixed_at + 1, total) if (straight / "checkpoints" / f"step_{s:09d}.pt").exists()]

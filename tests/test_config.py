@@ -88,6 +88,14 @@ def test_wrong_types(tmp_path: Path, text: str, expected: str) -> None:
         ("name: ../escape\n", "name: must be a folder name"),
         ("schedule:\n  rescale_zero_terminal_snr: true\n", "needs model.prediction_type v or x0"),
         ("sample:\n  steps: 5000\n", "sample.steps: must be <= schedule.num_timesteps (1000)"),
+        ("model:\n  patch_size: 2\n  channel_mult: [1, 2, 2]\n",
+         "model.channel_mult: must list 1 to 2 levels (14, 7 with model.patch_size 2)"),
+        ("model:\n  patch_size: 2\n  channel_mult: [1, 2]\n  attention_resolutions: [28]\n",
+         "28 is not a level of this U-Net; allowed: 14, 7"),
+        ("model:\n  patch_size: 4\n", "model.patch_size: must be <= 2, got 4"),
+        ("model:\n  time_conditioning: film\n", "model.time_conditioning: must be one of add, scale_shift"),
+        ("train:\n  timestep_sampling: sobol\n", "train.timestep_sampling: must be one of uniform, stratified"),
+        ("train:\n  adam_beta2: 1.0\n", "train.adam_beta2: must be < 1, got 1.0"),
     ],
 )
 def test_out_of_range_values(tmp_path: Path, text: str, expected: str) -> None:

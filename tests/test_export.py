@@ -16,8 +16,10 @@ from helpers import digest, one_line_error, smoke_run
 from safetensors.torch import save_file
 
 from ddpm_mnist.checkpoint import checkpoint_config, load_checkpoint, load_model
-from ddpm_mnist.config import Config, load_config
+from ddpm_mnist.config import Config, ModelConfig, load_config
+from ddpm_mnist.diffusers_format import to_diffusers, unet_config
 from ddpm_mnist.maths.schedule import make_schedule
+from ddpm_mnist.maths.unet import UNet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (the dev extra) checks the exported folder")
 pytestmark = pytest.mark.slow
@@ -32,7 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     found = {}
     for name, sets in {"epsilon": [], "v": ["model.prediction_type=v"], "x0": ["model.prediction_type=x0",
                        "schedule.beta_schedule=cosine", "sample.clip_sample=false"],
-                       "conditional": CONDITIONAL}.items():
+                       "conditional": CONDITIONAL, "scale_shift": ["model.time_conditioning=scale_shift"]}.items():
         cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", f"name={name}", "train.steps=4",
                                   "train.sample_every=0", *sets])
         found[name] = smoke_run(cfg) / "checkpoints" / "latest.pt"
@@ -44,7 +46,7 @@ def export(capsys, ckpt: Path, out: Path, *more: str) -> None:
     assert code == 0, err
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "v", "x0", "conditional"])
+@pytest.mark.parametrize("kind", ["epsilon", "v", "x0", "conditional", "scale_shift"])
 def test_diffusers_loads_the_folder_and_computes_our_unets_output(runs, tmp_path: Path, capsys, kind: str) -> None:
     ckpt = runs[kind]
     export(capsys, ckpt, tmp_path / "pipe")
@@ -69,6 +71,26 @@ def test_diffusers_loads_the_folder_and_computes_our_unets_output(runs, tmp_path
     assert "DDPMPipeline" in card and "steps: 4" in card and ("class_labels" in card) == bool(cfg.model.num_classes)
 
 
+@pytest.mark.parametrize("options", [{}, {"time_conditioning": "scale_shift"},
+                                     {"time_conditioning": "scale_shift", "num_classes": 10}],
+                         ids=["add", "scale-shift", "scale-shift-conditional"])
+def test_unet2dmodel_with_our_config_and_weights_computes_our_output(options: dict) -> None:
+    """Every weight random (none zero, as at initialisation), so each block's time path counts."""
+    model = ModelConfig(base_channels=16, channel_mult=[1, 2, 2], attention_resolutions=[7], num_groups=4,
+                        dropout=0.0, **options)
+    torch.manual_seed(0)
+    ours = UNet(model).eval()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    theirs = diffusers.UNet2DModel(**{k: v for k, v in unet_config(model).items() if not k.startswith("_")}).eval()
+    theirs.load_state_dict(to_diffusers(ours.state_dict()))
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999])
+    labels = torch.tensor([1, 7, 10, 4]) if model.num_classes else None
+    with torch.no_grad():
+        expected, got = ours(x, t, labels), theirs(x, t, class_labels=labels).sample
+    assert expected.abs().mean() > 0.01 and (expected - got).abs().max() < 1e-4 * expected.abs().max()
+
+
 def test_ddpm_pipeline_runs_on_the_folder(runs, tmp_path: Path, capsys) -> None:
     export(capsys, runs["epsilon"], tmp_path / "pipe")
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
@@ -76,11 +98,12 @@ def test_ddpm_pipeline_runs_on_the_folder(runs, tmp_path: Path, capsys) -> None:
     assert len(images) == 2 and images[0].size == (28, 28)
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "safetensors"])
-def test_an_export_read_back_samples_the_same_bytes(runs, tmp_path: Path, capsys, fmt: str) -> None:
+@pytest.mark.parametrize("fmt, kind", [("diffusers", "conditional"), ("safetensors", "conditional"),
+                                       ("diffusers", "scale_shift")])
+def test_an_export_read_back_samples_the_same_bytes(runs, tmp_path: Path, capsys, fmt: str, kind: str) -> None:
     out = tmp_path / ("pipe" if fmt == "diffusers" else "weights.safetensors")
-    export(capsys, runs["conditional"], out, "--format", fmt)
-    for source, grid in ((runs["conditional"], tmp_path / "a.png"), (out, tmp_path / "b.png")):
+    export(capsys, runs[kind], out, "--format", fmt)
+    for source, grid in ((runs[kind], tmp_path / "a.png"), (out, tmp_path / "b.png")):
         # the precision is the machine's choice (auto: bf16 on a CPU with it), not the model's: fix it for both
         code, _, err = run_cli(capsys, "sample", "--ckpt", source, "--n", "10", "--steps", "4", "--seed", "3",
                                "--out", grid, "--set", "runtime.mixed_precision=fp32")
@@ -111,11 +134,15 @@ def test_bad_exports_are_one_line_and_write_nothing(runs, smoke_cfg: Config, tmp
     (full / "x").write_text("mine\n")
     wide = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0", "name=wide",
                      "model.attention_resolutions=[28, 14]")  # 8 and 16 channels, one head: two head sizes
+    patched = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0", "name=patched", "model.patch_size=2",
+                        "model.channel_mult=[1, 2]", "model.attention_resolutions=[]")
     for args, says in ((["--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "o"], "no such checkpoint file"),
                        (["--ckpt", garbage, "--out", tmp_path / "o"], "not a torch zip archive"),
                        (["--ckpt", runs["epsilon"], "--out", full], "exists and is not empty: add --overwrite"),
                        (["--ckpt", wide / "checkpoints" / "latest.pt", "--out", tmp_path / "o"],
                         "UNet2DModel cannot represent this model: its attention blocks have 2 widths"),
+                       (["--ckpt", patched / "checkpoints" / "latest.pt", "--out", tmp_path / "o"],
+                        "model.patch_size 2 (pixels unshuffled into channels before the first level)"),
                        (["--ckpt", runs["epsilon"], "--out", tmp_path / "o.pt", "--format", "safetensors"],
                         "must end in .safetensors"),
                        (["--ckpt", runs["epsilon"], "--out", tmp_path / "o", "--format", "onnx"], "--format onnx")):
@@ -130,7 +157,9 @@ def test_folders_and_files_that_do_not_fit_are_one_line(runs, tmp_path: Path, ca
     good = json.loads(config_path.read_text())
     for key, value, says in (("in_channels", 3, "in_channels is 3; ddpm-mnist's U-Net has 1"),
                              ("block_out_channels", [8, 12], "block_out_channels must be 1 to 3 multiples"),
-                             ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift is 'scale_shift'")):
+                             ("resnet_time_scale_shift", "spatial", "resnet_time_scale_shift is 'spatial'"),
+                             # diffusers then drops the middle attention's GroupNorm, which ours has
+                             ("resnet_time_scale_shift", "scale_shift", "attn_norm_num_groups is None")):
         config_path.write_text(json.dumps({**good, key: value}))
         code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "pipe", "--n", "1", "--steps", "2",
                                "--out", tmp_path / "g.png")

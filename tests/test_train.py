@@ -71,11 +71,16 @@ def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> N
     assert losses[-1] < losses[0]  # it learns, even in 20 steps
 
 
+RECIPE = ["model.time_conditioning=scale_shift", "model.patch_size=2", "train.timestep_sampling=stratified",
+          "train.adam_beta2=0.99"]  # every option a recipe may turn on
+
+
 @pytest.mark.slow
-def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config) -> None:
+@pytest.mark.parametrize("options", [[], RECIPE], ids=["defaults", "recipe-options"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config, options: list[str]) -> None:
     # dropout and the cosine lr make every source of state matter: RNG, optimiser, scheduler, EMA
     sets = ["train.lr_schedule=cosine", "model.dropout=0.1", "train.checkpoint_every=8", "train.sample_every=0",
-            "train.steps=16"]
+            "train.steps=16", *options]
     straight = smoke_run(smoke_cfg, *sets, "name=straight")
     # a run stopped right after its step-8 checkpoint: the same folder as it was then
     halves = smoke_cfg.run_dir.parent / "halves"
@@ -227,10 +232,10 @@ def test_ema_update_is_the_lerp_of_the_formula() -> None:
 def test_the_fused_optimiser_step_is_adamw(smoke_cfg: Config) -> None:
     """The trainer's fused AdamW (one kernel on CPU and CUDA) moves the weights as the
     per-parameter reference AdamW does, given the same (clipped) gradients."""
-    cfg = apply_overrides(smoke_cfg, ["train.weight_decay=0.01", "train.warmup_steps=0"])
+    cfg = apply_overrides(smoke_cfg, ["train.weight_decay=0.01", "train.warmup_steps=0", "train.adam_beta2=0.99"])
     runtime = setup_runtime(cfg.runtime, "cpu")
     batches, schedule, _, state = setup_training(cfg, runtime)
-    assert state.optimizer.defaults["fused"] is True
+    assert state.optimizer.defaults["fused"] is True and state.optimizer.defaults["betas"] == (0.9, 0.99)
     for _ in range(3):  # past the zero-initialised output layer, so that every weight has a gradient
         loop.train_step(state, state.model, schedule, batches, cfg, runtime)
     reference_model = copy.deepcopy(state.model)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpm_mnist.config import ModelConfig
-from ddpm_mnist.maths.unet import UNet, count_parameters, timestep_embedding
+from ddpm_mnist.maths.unet import ResBlock, UNet, count_parameters, timestep_embedding
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,8 +28,11 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
         ModelConfig(base_channels=16, channel_mult=[1, 2], attention_resolutions=[], num_groups=4),
         ModelConfig(base_channels=16, channel_mult=[1, 2, 4], num_res_blocks=3, attention_resolutions=[14, 7],
                     num_heads=4, dropout=0.0),
+        ModelConfig(base_channels=16, channel_mult=[1, 2, 4], attention_resolutions=[7], dropout=0.0,
+                    time_conditioning="scale_shift"),
+        ModelConfig(base_channels=16, channel_mult=[2, 4], attention_resolutions=[7], dropout=0.0, patch_size=2),
     ],
-    ids=["default", "one-level", "two-levels", "three-levels-multihead"],
+    ids=["default", "one-level", "two-levels", "three-levels-multihead", "scale-shift", "patch-2"],
 )
 def test_maps_images_and_timesteps_to_images(cfg: ModelConfig) -> None:
     model = randomize(UNet(cfg)).eval()
@@ -62,3 +65,35 @@ def test_timestep_embedding_is_sinusoidal() -> None:
     freqs = [10_000 ** (-i / 4) for i in range(4)]
     expected = [math.cos(999 * f) for f in freqs] + [math.sin(999 * f) for f in freqs]
     torch.testing.assert_close(emb[2], torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_scale_shift_scales_and_shifts_the_second_norm_by_the_time_embedding() -> None:
+    """ResBlock with scale_shift: h = conv2(silu(norm2(conv1(silu(norm1(x)))) * (1 + scale) + shift)) + skip(x),
+    with (scale, shift) the two halves of the projected embedding (improved-diffusion's order)."""
+    torch.manual_seed(0)
+    block = randomize(ResBlock(8, 16, 12, dropout=0.0, groups=4, scale_shift=True)).eval()
+    x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    emb = block.time_proj(torch.nn.functional.silu(temb))
+    scale, shift = emb[:, :16, None, None], emb[:, 16:, None, None]
+    h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+    h = torch.nn.functional.group_norm(h, 4, block.norm2.weight, block.norm2.bias) * (1 + scale) + shift
+    expected = block.skip(x) + block.conv2(torch.nn.functional.silu(h))
+    torch.testing.assert_close(block(x, temb), expected)
+    assert block.time_proj.out_features == 32 and ResBlock(8, 16, 12, 0.0, 4).time_proj.out_features == 16
+
+
+def test_patch_size_2_starts_at_14x14_and_maps_each_patch_back_to_its_pixels() -> None:
+    """patch_size 2: the input conv sees the 4 pixels of each 2x2 patch as channels at 14x14, and
+    the output conv's 4 channels are shuffled back to those 4 pixels."""
+    model = randomize(UNet(ModelConfig(base_channels=16, channel_mult=[2, 4], attention_resolutions=[],
+                                       patch_size=2))).eval()
+    assert model.input_conv.in_channels == 4 and model.out_conv.out_channels == 4
+    seen = []
+    model.input_conv.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    x = torch.randn(2, 1, 28, 28)
+    out = model(x, torch.tensor([3, 700]))
+    assert seen == [(2, 4, 14, 14)] and out.shape == (2, 1, 28, 28)
+    # the only weights that differ from the same U-Net at 28x28: the input conv's 3 more input
+    # channels (16 filters) and the output conv's 3 more filters (of 32 channels, with biases)
+    at_28 = UNet(ModelConfig(base_channels=16, channel_mult=[2, 4], attention_resolutions=[]))
+    assert count_parameters(model) == count_parameters(at_28) + 3 * 9 * 16 + 3 * (9 * 32 + 1)

@@ -52,13 +52,17 @@ def _validate_model(model: ModelConfig, source: str) -> None:
             f"{source}: model.num_classes: must be 0 (unconditional) or 10 (conditioned on the digit), "
             f"got {model.num_classes}"
         )
-    if not 1 <= len(model.channel_mult) <= 3:
+    sides = [IMAGE_SIZE // model.patch_size]  # each level halves the one above, while it is even
+    while sides[-1] % 2 == 0:
+        sides.append(sides[-1] // 2)
+    if not 1 <= len(model.channel_mult) <= len(sides):
         raise ConfigError(
-            f"{source}: model.channel_mult: must list 1 to 3 levels (28, 14, 7), got {model.channel_mult}"
+            f"{source}: model.channel_mult: must list 1 to {len(sides)} levels ({', '.join(map(str, sides))}"
+            f"{' with model.patch_size 2' if model.patch_size == 2 else ''}), got {model.channel_mult}"
         )
     if any(not 1 <= c <= 64 for c in model.channel_mult):
         raise ConfigError(f"{source}: model.channel_mult: each must be in 1..64, got {model.channel_mult}")
-    resolutions = [IMAGE_SIZE // 2**level for level in range(len(model.channel_mult))]
+    resolutions = model.resolutions()
     for r in model.attention_resolutions:
         if r not in resolutions:
             raise ConfigError(

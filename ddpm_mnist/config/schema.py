@@ -92,13 +92,22 @@ class ScheduleConfig:
 class ModelConfig:
     """The U-Net's sizes and what it predicts."""
 
-    base_channels: int = param(32, "channels at 28x28", ge=1, le=1024)
-    channel_mult: list[int] = param([1, 2, 2], "channel multiplier per level (28, 14, 7)")
+    base_channels: int = param(32, "channels of the first level", ge=1, le=1024)
+    channel_mult: list[int] = param([1, 2, 2], "channel multiplier per level (28, 14, 7; 14, 7 with patch_size 2)")
     num_res_blocks: int = param(2, "residual blocks per level", ge=1, le=8)
     attention_resolutions: list[int] = param([7], "resolutions (28, 14 or 7) with self-attention")
     num_heads: int = param(1, "attention heads", ge=1, le=64)
     dropout: float = param(0.1, "dropout inside residual blocks", ge=0, lt=1)
     num_groups: int = param(8, "GroupNorm groups (must divide every channel count)", ge=1, le=1024)
+    patch_size: int = param(
+        1, "1: the U-Net starts at 28x28; 2: each 2x2 patch of pixels becomes 4 channels at 14x14 (pixel "
+        "unshuffle), and the output is shuffled back to 28x28 (one level, and most of the cost, fewer)", ge=1, le=2,
+    )
+    time_conditioning: str = param(
+        "add", "how a residual block takes the time embedding: add (before its second GroupNorm, Ho et al.) | "
+        "scale_shift (that norm's output times 1 + scale, plus shift: improved-diffusion's use_scale_shift_norm)",
+        choices=("add", "scale_shift"),
+    )
     prediction_type: str = param(
         "epsilon", "what the network predicts: epsilon | v | x0", choices=PREDICTION_TYPES
     )
@@ -106,6 +115,10 @@ class ModelConfig:
         0, "0: unconditional; 10: conditioned on the digit (a learned embedding added to the time embedding, "
         "with one more 'no class' row for classifier-free guidance)", ge=0, le=10,
     )
+
+    def resolutions(self) -> list[int]:
+        """The side of each level's feature maps: 28, 14, 7 (patch_size 1) or 14, 7 (patch_size 2)."""
+        return [IMAGE_SIZE // self.patch_size // 2**level for level in range(len(self.channel_mult))]
 
 
 @dataclass
@@ -117,11 +130,12 @@ class TrainConfig:
     epochs: int = param(0, "epochs to train; needs steps: 0 (0: train by steps)", ge=0, le=10**6)
     time_budget: str = param(
         "", "train for this long instead (90s, 20m, 1.5h; needs steps: 0 and epochs: 0): the steps are fixed "
-        "once from the step rate measured over the first steps",
+        "from the step rate measured over the first steps, and corrected once halfway from the rate until then",
         expected="a duration from 1s to 1000h such as 90s, 20m or 1.5h",
     )
     lr: float = param(2e-4, "peak learning rate of AdamW", gt=0, le=1)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0, le=1)
+    adam_beta2: float = param(0.999, "AdamW's beta2: the decay of its squared-gradient average", gt=0, lt=1)
     warmup_steps: int = param(200, "linear learning-rate warmup, in steps", ge=0, le=10**9)
     lr_schedule: str = param("constant", "after warmup: constant | cosine", choices=("constant", "cosine"))
     min_lr_ratio: float = param(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
@@ -129,6 +143,11 @@ class TrainConfig:
     class_dropout: float = param(
         0.1, "conditional models: share of labels replaced by 'no class' (p_uncond of classifier-free guidance)",
         ge=0, lt=1,
+    )
+    timestep_sampling: str = param(
+        "uniform", "each image's t: uniform (Algorithm 1) | stratified (one t in each of batch_size equal "
+        "strata of 0..T-1 from one uniform offset, Kingma et al. 2021: the same loss in expectation, less variance)",
+        choices=("uniform", "stratified"),
     )
     loss: str = param("mse", "mse | l1 | huber, on the prediction target", choices=("mse", "l1", "huber"))
     min_snr_gamma: float = param(

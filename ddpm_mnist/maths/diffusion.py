@@ -24,6 +24,22 @@ def at(values: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
     return values.index_select(0, t.reshape(-1)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
 
 
+def training_timesteps(num_timesteps: int, batch_size: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Each image's t for one training step: (batch_size,) int64 in {0, ..., T-1}, on the generator's device.
+
+    uniform: independent draws (Algorithm 1, line 3). stratified: one offset u ~ U[0, 1) for the
+    batch and t_i = floor(T * ((u + i / B) mod 1)), the low-discrepancy sampler of Kingma et al. 2021
+    (VDM, Appendix I.1): each t_i is still uniform, so the loss is the same in expectation, and the
+    batch covers the T steps evenly (one t in each of B equal strata).
+    """
+    device = generator.device
+    if kind == "uniform":
+        return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
+    u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+    points = (u + torch.arange(batch_size, dtype=torch.float64, device=device) / batch_size) % 1  # (B,) in [0, 1)
+    return (points * num_timesteps).long().clamp_(max=num_timesteps - 1)
+
+
 def add_noise(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Sample q(x_t | x_0) in closed form: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, Eq. (4)."""
     return at(schedule.sqrt_alphas_cumprod, t) * x0 + at(schedule.sqrt_one_minus_alphas_cumprod, t) * noise

@@ -3,8 +3,8 @@
 It maps (x, t) to an output of the same shape as x. It knows nothing about diffusion: what the
 output means (epsilon, v or x0) is decided by whoever trains it.
 Layout after Ho et al. 2020 (Appendix B) and improved-diffusion: residual blocks with GroupNorm
-and SiLU, the time embedding added in every block, self-attention at chosen resolutions, and
-skip connections from every block on the way down to a block on the way up.
+and SiLU, the time embedding added in every block (or scaling and shifting its second norm),
+self-attention at chosen resolutions, and skip connections from every block on the way down to a block on the way up.
 """
 
 from __future__ import annotations
@@ -40,13 +40,19 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-dropout-conv, plus skip."""
+    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-dropout-conv, plus skip.
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int) -> None:
+    With `scale_shift` the time embedding scales and shifts the second GroupNorm's output instead of
+    being added before it (improved-diffusion's use_scale_shift_norm; diffusers' "scale_shift").
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int,
+                 scale_shift: bool = False) -> None:
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.time_proj = nn.Linear(time_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -55,8 +61,13 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x: (B, in_ch, H, W), temb: (B, time_dim) -> (B, out_ch, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # (B, out_ch, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        emb = self.time_proj(F.silu(temb))[:, :, None, None]  # (B, out_ch or 2 * out_ch, 1, 1)
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)  # each (B, out_ch, 1, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -107,7 +118,8 @@ class Level(nn.Module):
     def __init__(self, in_chs: list[int], out_ch: int, time_dim: int, cfg: ModelConfig, attention: bool) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            ResBlock(c, out_ch, time_dim, cfg.dropout, cfg.num_groups) for c in in_chs
+            ResBlock(c, out_ch, time_dim, cfg.dropout, cfg.num_groups, cfg.time_conditioning == "scale_shift")
+            for c in in_chs
         )
         self.attentions = nn.ModuleList(
             AttentionBlock(out_ch, cfg.num_heads, cfg.num_groups) if attention else nn.Identity() for _ in in_chs
@@ -127,15 +139,20 @@ class UNet(nn.Module):
         # time embedding; row num_classes is "no class", the unconditional half of guidance
         self.num_classes = cfg.num_classes
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, time_dim) if cfg.num_classes else None
-        self.input_conv = nn.Conv2d(in_channels, base, 3, padding=1)
+        # patch_size 2: each 2x2 patch of pixels as 4 channels, so the first level is 14x14
+        self.patchify = nn.PixelUnshuffle(cfg.patch_size) if cfg.patch_size > 1 else nn.Identity()
+        self.unpatchify = nn.PixelShuffle(cfg.patch_size) if cfg.patch_size > 1 else nn.Identity()
+        pixels = in_channels * cfg.patch_size**2  # channels of one position at the first level
+        self.input_conv = nn.Conv2d(pixels, base, 3, padding=1)
 
-        skip_chs, ch, resolution = self._build_down(cfg, time_dim, image_size)
-        self.mid_block1 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
+        skip_chs, ch, resolution = self._build_down(cfg, time_dim, image_size // cfg.patch_size)
+        scale_shift = cfg.time_conditioning == "scale_shift"
+        self.mid_block1 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups, scale_shift)
         self.mid_attention = AttentionBlock(ch, cfg.num_heads, cfg.num_groups)
-        self.mid_block2 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups)
+        self.mid_block2 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups, scale_shift)
         ch = self._build_up(cfg, time_dim, skip_chs, ch, resolution)
         self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
-        self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out_conv = _zero(nn.Conv2d(ch, pixels, 3, padding=1))
 
     def _build_down(self, cfg: ModelConfig, time_dim: int, image_size: int) -> tuple[list[int], int, int]:
         """Down: each level's blocks, then a Downsample except after the last level. Returns the
@@ -181,7 +198,7 @@ class UNet(nn.Module):
             if class_labels is None:
                 class_labels = torch.full_like(t, self.num_classes)
             temb = temb + self.class_embedding(class_labels)  # (B, 4 * base)
-        h = self.input_conv(x)
+        h = self.input_conv(self.patchify(x))
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attention in zip(level.blocks, level.attentions, strict=True):
@@ -196,7 +213,7 @@ class UNet(nn.Module):
                 h = attention(block(torch.cat([h, skips.pop()], dim=1), temb))
             if i < len(self.upsample):
                 h = self.upsample[i](h)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.unpatchify(self.out_conv(F.silu(self.out_norm(h))))
 
 
 def count_parameters(model: nn.Module) -> int:
