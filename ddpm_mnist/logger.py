@@ -201,7 +201,8 @@ class TrainLogger:
 def length(cfg: Config, total: int, steps_per_epoch: int) -> str:
     """A run's length in words: steps and epochs, or its time budget while the steps are not fixed."""
     if cfg.train.time_budget:
-        return f"a time budget of {cfg.train.time_budget} (the steps are fixed after measuring the step rate)"
+        return (f"a time budget of {cfg.train.time_budget} (the steps are fixed from the measured step rate, "
+                "and corrected halfway)")
     return f"{total:,} steps ({total / steps_per_epoch:.1f} epochs)"
 
 

@@ -4,7 +4,8 @@ It maps (x, t) to an output of the same shape as x. It knows nothing about diffu
 output means (epsilon, v or x0) is decided by whoever trains it.
 Layout after Ho et al. 2020 (Appendix B) and improved-diffusion: residual blocks with GroupNorm
 and SiLU, the time embedding added in every block (or scaling and shifting its second norm),
-self-attention at chosen resolutions, and skip connections from every block on the way down to a block on the way up.
+self-attention at chosen resolutions, and skip connections from every block on the way down to
+a block on the way up. Optionally, 2x2 patches of pixels become channels before the first level.
 """
 
 from __future__ import annotations
