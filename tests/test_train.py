@@ -97,6 +97,31 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config, opt
 
 
 @pytest.mark.slow
+def test_a_checkpoint_from_before_the_recipe_options_resumes_as_it_was_trained(smoke_cfg: Config) -> None:
+    """A checkpoint (and config.yaml) without model.time_conditioning, model.patch_size,
+    train.timestep_sampling and train.adam_beta2 resumes with what they were before they existed."""
+    sets = ["train.checkpoint_every=4", "train.sample_every=0", "train.steps=8"]
+    straight = smoke_run(smoke_cfg, *sets, "name=straight")
+    old = smoke_cfg.run_dir.parent / "old"
+    shutil.copytree(straight, old)
+    checkpoints = old / "checkpoints"
+    (checkpoints / "step_000000008.pt").unlink()
+    state = torch.load(checkpoints / "step_000000004.pt", weights_only=True)
+    for section, key in (("model", "time_conditioning"), ("model", "patch_size"), ("train", "timestep_sampling"),
+                         ("train", "adam_beta2")):
+        del state["config"][section][key]
+    torch.save(state, checkpoints / "latest.pt")
+    text = (old / "config.yaml").read_text()
+    for key in ("time_conditioning", "patch_size", "timestep_sampling", "adam_beta2"):
+        text = "".join(line for line in text.splitlines(keepends=True) if not line.strip().startswith(f"{key}:"))
+    (old / "config.yaml").write_text(text)
+    smoke_run(smoke_cfg, *sets, "name=old", resume=True)
+    a, b = weights(straight), weights(old)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_training_state_in_one_line(smoke_cfg: Config, capsys) -> None:
     run_dir = smoke_run(smoke_cfg, "train.steps=10", "train.sample_every=0")
     latest = run_dir / "checkpoints" / "latest.pt"
