@@ -133,7 +133,7 @@ def read_budget(budget: StepBudget, cfg: Config, total: int, state: TrainState, 
     fixed = gather(ddp, budget.reading(state.step, runtime.device))[0]  # rank 0's clock decides
     if fixed is None:
         return cfg, total
-    log.length_fixed(fixed, state.step, cfg.train.time_budget or state.time_budget, budget.fixes)
+    log.length_fixed(fixed, state.step, budget.budget, budget.fixes)
     budget.fixed(state.step, fixed)
     return fix_length(cfg, state, fixed, folder, ddp), fixed
 

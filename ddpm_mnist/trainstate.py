@@ -83,8 +83,7 @@ class StepBudget:
     step is a forward and a backward). Halfway from there to the end, a second reading over every
     step since timing began (previews, metrics and checkpoints included, and whatever else slowed
     the machine) fixes the length once more, and the lr schedule is laid out again over it: an
-    early rate alone ended equal budgets up to a tenth apart. The closing line says how close the
-    run came.
+    early rate alone misses whatever changes later. The closing line says how close the run came.
     """
 
     WARMUP_STEPS = 5
@@ -92,6 +91,7 @@ class StepBudget:
     MEASURE_SHARE = 0.05
 
     def __init__(self, training: TrainConfig, first_step: int) -> None:
+        self.budget = training.time_budget  # as the user wrote it, for the log
         self.seconds = duration_seconds(training.time_budget)
         self.started = time.perf_counter()
         self.mark_step = first_step + self.WARMUP_STEPS
