@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -411,14 +412,29 @@ def bench_variants(cfg_path: str, sets: list[str], runtime: Runtime, args: argpa
     return rows
 
 
-# a second process that keeps one core busy: torch on one thread, convolutions without end
-COMPETITOR = """import torch
+# a second process that keeps one core busy: torch on one thread, convolutions until its parent is gone
+# (a bench killed by SIGKILL runs no `finally`: the competitor then notices it was orphaned and ends)
+COMPETITOR = """import os, sys, torch
 torch.set_num_threads(1)
+parent = int(sys.argv[1])
 x, conv = torch.randn(64, 16, 28, 28), torch.nn.Conv2d(16, 16, 3, padding=1)
 with torch.no_grad():
-    while True:
+    while os.getppid() == parent:
         conv(x)
 """
+
+
+def die_with_parent() -> None:
+    """preexec_fn of every child: on Linux, the kernel sends it SIGKILL when bench.py dies, however it dies."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends bench.py through its `finally` blocks, which stop the processes it started."""
+    raise SystemExit(143)
 
 
 def measure_child(training: Training, part: str, batch: int, seconds: float) -> float:
@@ -483,9 +499,16 @@ def child_rates(args: argparse.Namespace, env: dict[str, str], threads: str, bus
                f"--set=runtime.threads={threads}"]
     if args.device:
         command += ["--device", args.device]
-    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if busy else None
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(os.getpid())],
+                                  preexec_fn=die_with_parent) if busy else None
     try:
-        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+        with subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, preexec_fn=die_with_parent) as child:
+            try:
+                stdout, stderr = child.communicate()
+            finally:
+                child.kill()  # a no-op once it has ended; ends it when bench.py is stopped meanwhile
+        done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
     finally:
         if competitor is not None:
             competitor.kill()
@@ -535,6 +558,7 @@ def main() -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one --busy measurement
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return bench(args)
     except UserError as exc:
