@@ -104,12 +104,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     naming the field.
     """
     path = Path(path)
-    if path.is_dir() and (path / "unet" / "config.json").is_file():
-        contents = weights_contents(*diffusers_format.read_folder(path))
-        return _checked({**contents, "source": f"the weights of the diffusers folder {path}"}, path)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give a checkpoint file such as {path / 'checkpoints' / LATEST}, "
-                              "or a diffusers DDPMPipeline folder")
+        return _load_folder(path)
     if path.suffix == ".safetensors":
         check_input_file(path, "weights")
         return _checked(weights_contents(*diffusers_format.read_weights_file(path)), path)
@@ -132,6 +128,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return _checked(state, path)
+
+
+def _load_folder(path: Path) -> dict[str, Any]:
+    """A diffusers DDPMPipeline folder, as checkpoint contents; any other folder is one line."""
+    if (path / "unet" / "config.json").is_file():
+        contents = weights_contents(*diffusers_format.read_folder(path))
+        return _checked({**contents, "source": f"the weights of the diffusers folder {path}"}, path)
+    if any(os.path.lexists(path / name) for name in ("model_index.json", "unet", "scheduler")):
+        raise CheckpointError(f"{path}: a diffusers DDPMPipeline folder holds unet/config.json, and this one has "
+                              "none (or not as a regular file)")
+    raise CheckpointError(f"{path}: is a folder; give a checkpoint file such as {path / 'checkpoints' / LATEST}, "
+                          "or a diffusers DDPMPipeline folder")
 
 
 def _checked(state: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -205,6 +213,9 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
         value = state.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**62:
             raise CheckpointError(f"{path}: its {key} must be a whole number >= 0, got {_short(value)}")
+    threads = state.get("cpu_threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 4096:
+        raise CheckpointError(f"{path}: its cpu_threads must be a whole number from 0 to 4096, got {_short(threads)}")
     for key in ("model", "ema"):
         weights = state[key]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -252,6 +263,7 @@ def checkpoint_contents(
         "world_size": len(rngs),
         "skipped": train_state.skipped,
         "time_budget": train_state.time_budget,
+        "cpu_threads": torch.get_num_threads(),  # a resume computes with as many, for the same last bits
         "model": train_state.model.state_dict(),
         "ema": train_state.ema.module.state_dict(),
         "ema_num_averaged": int(train_state.ema.n_averaged),

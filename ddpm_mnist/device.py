@@ -2,8 +2,14 @@
 
 train, sample, eval and scripts/bench.py each call `setup_runtime` once. It picks the device, sets
 the process-wide backend switches (cuDNN autotuning, TF32) and torch's CPU threads, and, for
-training, seeds torch's global generator; nothing else in the package touches them. On the CPU,
-`Runtime.share_cpu()` between steps lets the thread count follow what other processes use.
+training, seeds torch's global generator; nothing else in the package touches them.
+
+CPU threads with runtime.threads: 0 (auto). Sampling lets the thread count follow what other
+processes use (`Runtime.share_cpu()` between steps): its images do not depend on it. Training
+cannot: the thread count decides how a gradient's sum is split, so it changes the last bits of the
+weights. A training run therefore keeps one count from start to end (every core it may use, or on
+`--resume` the count its checkpoint records), so that a resumed run ends bit for bit where an
+uninterrupted one does, on a busy machine too; it says once when other processes slow it down.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ddpm_mnist.config import RuntimeConfig
-from ddpm_mnist.errors import UserError
+from ddpm_mnist.errors import UserError, note
 from ddpm_mnist.rng import DROPOUT, derive_seed
 
 
@@ -35,14 +41,18 @@ class CpuThreads:
     much CPU time the machine spent outside this process (`read`: seconds since boot of the wall
     clock, of all busy time on the cores this process may use, and of this process's own CPU time)
     and sets the thread count from it.
+
+    With `follow=False` (training) the count stays as it is, and the first reading that would have
+    lowered it prints one note saying why it does not.
     """
 
     def __init__(self, cores: int, every: float = 2.0, read: Callable[[], tuple[float, float, float]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.cores, self.every, self.clock = cores, every, clock
+                 clock: Callable[[], float] = time.monotonic, follow: bool = True) -> None:
+        self.cores, self.every, self.clock, self.follow = cores, every, clock, follow
         self.read = read or read_cpu_use
         self.last = self.read()
         self.due = self.last[0] + every
+        self.noted = False
 
     def adapt(self) -> None:
         if self.clock() < self.due:  # between readings: one clock call a step, no file read
@@ -53,8 +63,16 @@ class CpuThreads:
         others = max(0.0, (busy - self.last[1]) - (own - self.last[2])) / elapsed  # in cores
         self.last = (wall, busy, own)
         wanted = min(self.cores, max(1, self.cores - math.floor(others + 0.6)))  # 0.4 of a core taken counts
-        if wanted != torch.get_num_threads():
+        threads = torch.get_num_threads()
+        if wanted == threads:
+            return
+        if self.follow:
             torch.set_num_threads(wanted)
+        elif wanted < threads and not self.noted:
+            self.noted = True
+            note(f"other processes keep {others:.1f} of this machine's cores busy: training keeps its {threads} "
+                 "CPU threads (one count for the whole run keeps --resume bit-exact) and runs slower beside them; "
+                 f"--set runtime.threads={wanted} shares the CPU (the weights then differ in their last bits)")
 
 
 def read_cpu_use() -> tuple[float, float, float]:
@@ -74,30 +92,68 @@ def read_cpu_use() -> tuple[float, float, float]:
     return time.monotonic(), busy / tick, time.process_time()
 
 
-def cpu_threads(threads: int, device: torch.device, fixed_by_environment: bool) -> CpuThreads | None:
-    """Set torch's CPU threads for runtime.threads (N: exactly N); return the governor of `0` (auto),
-    or None where the count stays as it is: not a CPU run, OMP_NUM_THREADS set (torchrun sets it to 1
-    per process), or no /proc to read (not Linux)."""
-    if threads:
-        torch.set_num_threads(threads)
-        return None
-    if device.type != "cpu" or fixed_by_environment:
-        return None
+def allowed_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a container's cpuset)."""
     try:
-        return CpuThreads(len(os.sched_getaffinity(0)))
-    except (OSError, AttributeError, ValueError):
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(threads: int, device: torch.device, fixed_by_environment: bool, *, training: bool = False,
+                recorded: int | None = None) -> tuple[CpuThreads | None, str]:
+    """Set torch's CPU threads for runtime.threads and say how (for the run's opening line); return
+    the governor that watches the machine between steps, if any.
+
+    N: exactly N, at most the cores this process may use (more only wait for each other). 0 (auto):
+    left as it is off the CPU and where OMP_NUM_THREADS decides (torchrun sets it to 1 per process);
+    for sampling, the governor follows other processes; for training, one count for the whole run:
+    the `recorded` count of the checkpoint it resumes (at most the cores there are), else every core.
+    """
+    cores = allowed_cores()
+    if threads:
+        if threads > cores and device.type == "cpu":
+            note(f"runtime.threads {threads}: this process may use {cores} CPU core(s), so it runs {cores} "
+                 "thread(s); more threads than cores only wait for each other")
+            threads = cores
+        torch.set_num_threads(threads)
+        return None, f"{threads} CPU thread(s), runtime.threads"
+    if device.type != "cpu":
+        return None, ""
+    if fixed_by_environment:
+        return None, f"{torch.get_num_threads()} CPU thread(s), OMP_NUM_THREADS"
+    if training:
+        count = min(recorded or cores, cores)
+        if recorded and recorded > cores:
+            note(f"--resume: the run trained with {recorded} CPU threads, and this process may use {cores} core(s): "
+                 f"it goes on with {cores}, so its weights differ in their last bits from a run that kept {recorded}")
+        torch.set_num_threads(count)
+        why = "the count the run started with" if recorded else "every core"
+        return _governor(cores, follow=False), f"{count} CPU thread(s) for the whole run ({why})"
+    return _governor(cores, follow=True), "CPU threads follow the other processes' load"
+
+
+def _governor(cores: int, follow: bool) -> CpuThreads | None:
+    try:
+        return CpuThreads(cores, follow=follow)
+    except (OSError, ValueError):  # no /proc/stat to read (not Linux)
         return None
 
 
 @dataclass(frozen=True)
 class Runtime:
     """The device a command runs on and its autocast dtype (None: float32), with a line saying why,
-    and on the CPU with runtime.threads: 0, the governor of its thread count."""
+    and on the CPU with runtime.threads: 0, the watcher of its thread count."""
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     precision_note: str
     threads: CpuThreads | None = None
+    threads_note: str = ""  # how many CPU threads, and why (empty off the CPU)
+
+    def describe(self) -> str:
+        """The precision and, on the CPU, the threads: for a run's opening line."""
+        return ", ".join(part for part in (self.precision_note, self.threads_note) if part)
 
     def share_cpu(self) -> None:
         """Between steps: follow the CPU time other processes use with the thread count (see `CpuThreads`)."""
@@ -107,10 +163,12 @@ class Runtime:
 
 def setup_runtime(
     cfg: RuntimeConfig, device_name: str | None = None, *, local_rank: int | None = None, seed: int | None = None,
-    rank: int = 0,
+    rank: int = 0, training: bool = False, recorded_threads: int | None = None,
 ) -> Runtime:
-    """Pick the device (`device_name` overrides runtime.device), set the global backend switches,
-    and, given the run's `seed`, seed torch's global generator with this rank's dropout stream.
+    """Pick the device (`device_name` overrides runtime.device), set the global backend switches and
+    the CPU threads (`training`: one count for the run, `recorded_threads` on --resume; see
+    `cpu_threads`), and, given the run's `seed`, seed torch's global generator with this rank's
+    dropout stream.
 
     Under torchrun (`local_rank`), CUDA means this process's GPU.
     """
@@ -132,7 +190,9 @@ def setup_runtime(
     if seed is not None:
         torch.manual_seed(derive_seed(seed, DROPOUT, rank))  # CPU and every CUDA device: what dropout draws from
     dtype, note = autocast_dtype(device, cfg.mixed_precision)
-    return Runtime(device, dtype, note, cpu_threads(cfg.threads, device, "OMP_NUM_THREADS" in os.environ))
+    governor, threads_note = cpu_threads(cfg.threads, device, "OMP_NUM_THREADS" in os.environ, training=training,
+                                         recorded=recorded_threads)
+    return Runtime(device, dtype, note, governor, threads_note)
 
 
 def autocast(runtime: Runtime, *, cache_enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -21,6 +21,7 @@ use them as they use a checkpoint (and check them the same way). Reading never r
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from ddpm_mnist.config import Config, ModelConfig, ScheduleConfig, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError, UserError
+from ddpm_mnist.maths.schedule import make_betas
 from ddpm_mnist.maths.unet import UNet
-from ddpm_mnist.paths import atomic_file
+from ddpm_mnist.paths import atomic_file, check_input_file
 
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers the folder is written for (the dev extra's lower bound)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -139,13 +141,17 @@ def from_diffusers(weights: dict[str, torch.Tensor], expected: dict[str, torch.T
     out, used = {}, set()
     for name, like in expected.items():
         new = to_diffusers({name: like})
-        try:
-            parts = [weights[key] for key in new]
-        except KeyError as exc:
-            raise CheckpointError(f"the UNet's weights lack {exc.args[0]}") from None
+        for key, want in new.items():
+            if key not in weights:
+                raise CheckpointError(f"the UNet's weights lack {key}")
+            got = weights[key]
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise CheckpointError(f"the UNet's {key} is {got.dtype} {tuple(got.shape)}; ddpm-mnist's U-Net "
+                                      f"needs {want.dtype} {tuple(want.shape)}")
         used.update(new)
+        parts = [weights[key] for key in new]
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        out[name] = tensor.reshape(like.shape) if tensor.numel() == like.numel() else tensor
+        out[name] = tensor.reshape(like.shape)
     extra = sorted(set(weights) - used)
     if extra:
         raise CheckpointError(f"the UNet's weights hold {extra[0]}, which ddpm-mnist's U-Net has no place for")
@@ -185,7 +191,8 @@ def model_card(cfg: Config, step: int, run_facts: dict[str, Any]) -> str:
         lines += ["", "## Measured with ddpm eval", "", f"n = {report['n']}, {json.dumps(report.get('source', {}))}",
                   "", "| metric | samples | real digits |", "|---|---|---|"]
         lines += [f"| {key} | {samples[key]:.4g} | {floor[key]:.4g} |" for key in ("fid_mnist", "confidence",
-                                                                                 "inception_score") if key in samples]
+                                                                                 "inception_score")
+                  if all(isinstance(part.get(key), (int, float)) for part in (samples, floor))]
     config = json.dumps(to_dict(cfg), indent=2)
     lines += ["", "## Config", "", "The resolved ddpm-mnist config:", "", "```json", config, "```", ""]
     return "\n".join(lines)
@@ -225,11 +232,21 @@ def _json(value: dict[str, Any]) -> bytes:
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors file's tensors and metadata; a truncated or foreign file is one line."""
+    check_input_file(path, "weights")  # a pipe would block, a device never end
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:150]})") from None
+
+
+def is_weights_file(path: Path) -> bool:
+    """True for a safetensors file that `write_weights_file` wrote (its metadata says so)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == WEIGHTS_FORMAT
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
 
 
 def read_weights_file(path: Path) -> tuple[Config, dict[str, torch.Tensor], int]:
@@ -240,7 +257,7 @@ def read_weights_file(path: Path) -> tuple[Config, dict[str, torch.Tensor], int]
                               "format); a diffusers folder is read from the folder itself")
     try:
         raw, step = json.loads(metadata.get("config", "")), int(metadata.get("step", ""))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: its metadata's config or step is not readable") from None
     if step < 0:
         raise CheckpointError(f"{path}: its metadata's step must be >= 0, got {step}")
@@ -249,14 +266,17 @@ def read_weights_file(path: Path) -> tuple[Config, dict[str, torch.Tensor], int]
 
 def read_json(path: Path) -> dict[str, Any]:
     """A small JSON file holding a mapping, or one line."""
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: missing; a diffusers DDPMPipeline folder holds it")
+    check_input_file(path, "config")  # a pipe would block; /dev/zero behind a symlink would never end
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise CheckpointError(f"{path}: larger than a config can be")
         value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a diffusers DDPMPipeline folder holds it") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not readable JSON ({str(exc)[:120]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a config ddpm-mnist reads (nested too deeply)") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: must hold a JSON mapping")
     return value
@@ -268,8 +288,12 @@ def read_folder(folder: Path) -> tuple[Config, dict[str, torch.Tensor], int]:
     unet = read_json(folder / "unet" / "config.json")
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
     where = folder / "unet" / "config.json"
-    model = model_from_unet_config(unet, where)
-    schedule, prediction, sample = schedule_from_scheduler(scheduler, folder / "scheduler" / "scheduler_config.json")
+    try:  # the checks below name most keys; a value of a type no check foresaw is still one line
+        model = model_from_unet_config(unet, where)
+        schedule, prediction, sample = schedule_from_scheduler(scheduler, folder / "scheduler" /
+                                                               "scheduler_config.json")
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: its configs hold a value ddpm-mnist cannot read ({exc})") from None
     raw = to_dict(Config(name=folder.name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", folder.name) else "diffusers"))
     raw["model"] = {**to_dict(Config())["model"], **model, "prediction_type": prediction}
     raw["schedule"] = schedule
@@ -294,8 +318,40 @@ FIXED_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "center_in
 TIME_CONDITIONING = {"default": "add", "scale_shift": "scale_shift"}  # resnet_time_scale_shift -> ours
 
 
+def check_value_types(config: dict[str, Any], where: Path, lists: tuple[str, ...]) -> None:
+    """Every value a plain JSON scalar, but the keys in `lists`, which hold lists of scalars (or null)."""
+    for key, value in config.items():
+        if key in lists:
+            if value is not None and (not isinstance(value, list) or any(isinstance(v, (list, dict)) for v in value)):
+                raise CheckpointError(f"{where}: {key} must be a list of plain values, got {type(value).__name__}")
+        elif isinstance(value, (list, dict)):
+            raise CheckpointError(f"{where}: {key} must be a plain value, got a {type(value).__name__}")
+
+
+def check_unet_value_types(unet: dict[str, Any], where: Path) -> None:
+    """A UNet2DModel config's values: scalars, and lists of them where diffusers has lists."""
+    if isinstance(unet.get("attention_head_dim"), list):
+        raise CheckpointError(f"{where}: attention_head_dim must be one number; ddpm-mnist's heads share one width")
+    check_value_types(unet, where, ("block_out_channels", "down_block_types", "up_block_types"))
+
+
+def attention_levels(unet: dict[str, Any], levels: int, where: Path) -> list[bool]:
+    """Whether each level has attention, from the mirrored down and up block types."""
+    attention = []
+    for level, (down, up) in enumerate(zip(unet.get("down_block_types") or [], reversed(unet.get("up_block_types") or
+                                                                                         []), strict=False)):
+        if (down, up) not in (("DownBlock2D", "UpBlock2D"), ("AttnDownBlock2D", "AttnUpBlock2D")):
+            raise CheckpointError(f"{where}: down_block_types/up_block_types: level {level} is {down}/{up}; "
+                                  "ddpm-mnist has DownBlock2D/UpBlock2D or AttnDownBlock2D/AttnUpBlock2D")
+        attention.append(down == "AttnDownBlock2D")
+    if len(attention) != levels or len(unet.get("up_block_types") or []) != levels:
+        raise CheckpointError(f"{where}: down_block_types and up_block_types must name one block per level")
+    return attention
+
+
 def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
     """Our model section from a UNet2DModel config, or one line naming the key that does not fit."""
+    check_unet_value_types(unet, where)
     for key, value in FIXED_UNET.items():
         if unet.get(key, value) != value:
             raise CheckpointError(f"{where}: {key} is {unet[key]!r}; ddpm-mnist's U-Net has {value!r}")
@@ -306,15 +362,7 @@ def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
     base = channels[0]
     if unet.get("time_embedding_dim") not in (None, 4 * base):
         raise CheckpointError(f"{where}: time_embedding_dim must be 4 x block_out_channels[0] ({4 * base})")
-    attention = []
-    for level, (down, up) in enumerate(zip(unet.get("down_block_types") or [], reversed(unet.get("up_block_types") or
-                                                                                         []), strict=False)):
-        if (down, up) not in (("DownBlock2D", "UpBlock2D"), ("AttnDownBlock2D", "AttnUpBlock2D")):
-            raise CheckpointError(f"{where}: down_block_types/up_block_types: level {level} is {down}/{up}; "
-                                  "ddpm-mnist has DownBlock2D/UpBlock2D or AttnDownBlock2D/AttnUpBlock2D")
-        attention.append(down == "AttnDownBlock2D")
-    if len(attention) != len(channels) or len(unet.get("up_block_types") or []) != len(channels):
-        raise CheckpointError(f"{where}: down_block_types and up_block_types must name one block per level")
+    attention = attention_levels(unet, len(channels), where)
     head_dim = unet.get("attention_head_dim")
     if not isinstance(head_dim, int) or head_dim <= 0 or channels[-1] % head_dim:
         raise CheckpointError(f"{where}: attention_head_dim must divide block_out_channels[-1], got {head_dim!r}")
@@ -340,8 +388,7 @@ def schedule_from_scheduler(scheduler: dict[str, Any], where: Path) -> tuple[dic
     """Our schedule section, prediction type and sample options from a DDPMScheduler config."""
     names = {value: key for key, value in SCHEDULE_NAMES.items()}
     predictions = {value: key for key, value in PREDICTIONS.items()}
-    if scheduler.get("trained_betas") is not None:
-        raise CheckpointError(f"{where}: trained_betas: ddpm-mnist reads named schedules only ({', '.join(names)})")
+    check_value_types(scheduler, where, ("trained_betas",))
     for key, allowed, default in (("beta_schedule", names, "linear"), ("prediction_type", predictions, "epsilon"),
                                   ("variance_type", ("fixed_small", "fixed_large"), "fixed_small")):
         if scheduler.get(key, default) not in allowed:
@@ -355,6 +402,34 @@ def schedule_from_scheduler(scheduler: dict[str, Any], where: Path) -> tuple[dic
                 "beta_end": scheduler.get("beta_end", defaults.beta_end),
                 "cosine_s": defaults.cosine_s, "max_beta": defaults.max_beta,
                 "rescale_zero_terminal_snr": scheduler.get("rescale_betas_zero_snr", False)}
+    if scheduler.get("trained_betas") is not None:
+        schedule |= cosine_from_betas(scheduler["trained_betas"], schedule, where)
     sample = {key: scheduler[key] for key in ("variance_type", "clip_sample", "clip_sample_range", "timestep_spacing")
               if key in scheduler}
     return schedule, predictions[scheduler.get("prediction_type", "epsilon")], sample
+
+
+def cosine_from_betas(betas: list[Any], schedule: dict[str, Any], where: Path) -> dict[str, float]:
+    """cosine_s and max_beta of the cosine schedule whose betas `trained_betas` lists (what export writes
+    for a cosine schedule diffusers' squaredcos_cap_v2, with s = 0.008 and a cap of 0.999, does not
+    name); refused unless they rebuild those betas (to float32 rounding, of older exports).
+
+    beta_0 = 1 - abar(1) / abar(0) grows with s, so s is found by bisection; the cap is the largest
+    beta where it binds (several betas equal it), else the default."""
+    named = f"ddpm-mnist reads trained_betas only of its own cosine schedules ({where})"
+    if schedule["beta_schedule"] != "cosine" or not isinstance(betas, list) or len(betas) != schedule["num_timesteps"] \
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas):
+        raise CheckpointError(f"{where}: trained_betas: {named}, listed as num_train_timesteps betas in (0, 1)")
+    given = torch.tensor(betas, dtype=torch.float64)
+    top = float(given.max())
+    max_beta = top if int((given == top).sum()) > 1 else ScheduleConfig().max_beta
+    low, high = 0.0, 1.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        first = make_betas("cosine", len(betas), cosine_s=middle, max_beta=max_beta)[0]
+        low, high = (middle, high) if first < given[0] else (low, middle)
+    found = {"cosine_s": (low + high) / 2, "max_beta": max_beta}
+    rebuilt = make_betas("cosine", len(betas), **found)
+    if not torch.allclose(rebuilt, given, rtol=1e-6, atol=0):  # float64, or float32 rounding (6e-8)
+        raise CheckpointError(f"{where}: trained_betas: {named}; these are not one")
+    return found

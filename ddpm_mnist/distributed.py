@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ddpm_mnist.errors import UserError
+from ddpm_mnist.errors import UserError, note
 
 
 @dataclass
@@ -134,7 +134,7 @@ def check_resume_world_size(saved: int, ddp: Dist, batch_size: int, images: int,
             f"resume with {saved}, or pass --change-world-size to continue anyway"
         )
     if ddp.is_main:
-        print(f"note: resuming a {saved}-process run on {ddp.world_size}: {change} (--change-world-size)")
+        note(f"resuming a {saved}-process run on {ddp.world_size}: {change} (--change-world-size)")
 
 
 def close(ddp: Dist) -> None:

@@ -1,6 +1,14 @@
-"""The exceptions the CLI turns into one line: bad input (exit code 2) and requested stops (130, 143)."""
+"""The exceptions the CLI turns into one line: bad input (exit code 2) and requested stops (130, 143);
+and `note`, the one way a command says something beside its output."""
 
 from __future__ import annotations
+
+import sys
+
+
+def note(message: str) -> None:
+    """One line on stderr, so that a command's output on stdout (`ddpm config > file.yaml`) stays clean."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 class UserError(Exception):

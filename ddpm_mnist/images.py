@@ -90,6 +90,9 @@ def load_samples_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor | No
         raise UserError(f"{path}: not a samples file written by ddpm sample ({type(exc).__name__})") from None
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (1, 28, 28):
         raise UserError(f"{path}: expected uint8 images of shape (N, 1, 28, 28)")
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise UserError(f"{path}: its labels must be a tensor of {len(images)} digits 0 to 9 (int64), "
+                        f"not a {type(labels).__name__}")
     try:  # a stranger's file: dense tensors of their own elements, as save_tensor writes them
         check_tensor(images, "images", torch.uint8)
         if labels is not None:

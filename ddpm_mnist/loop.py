@@ -32,12 +32,13 @@ from ddpm_mnist.distributed import (
     gather,
     on_main,
 )
-from ddpm_mnist.errors import RunError, Stopped
+from ddpm_mnist.errors import RunError, Stopped, note
 from ddpm_mnist.logger import Interval, TrainLogger
 from ddpm_mnist.maths.diffusion import training_losses, training_timesteps
 from ddpm_mnist.trainstate import (
     StepBudget,
     TrainState,
+    apply_optimizer_settings,
     ema_decay_at,
     relay_lr_schedule,
     setup_training,
@@ -76,7 +77,7 @@ def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
     with TrainLogger(folder.path, cfg.name, state.step, None if training.time_budget else total, training.batch_size,
                      ddp.is_main) as log, StopFlag(ddp) as stop:
         log.describe(cfg, state.model, len(batches.images), ddp.world_size, batches.steps_per_epoch, total,
-                     state.step, runtime.device, runtime.precision_note)
+                     state.step, runtime.device, runtime.describe())
         log.run_start(cfg, schedule, state.model)  # once, at step 0: not again on resume
         interval = Interval(runtime.device, state.step)
         log.budget = budget = StepBudget(training, state.step) if training.time_budget else None
@@ -124,6 +125,9 @@ def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Resume | 
         check_resume_world_size(resume_from.world_size, ddp, cfg.train.batch_size, len(batches.images),
                                 change_world_size)
         resume_from.restore(state, ddp.rank, ddp.world_size)
+        changed = apply_optimizer_settings(state, cfg.train, resume_from.config().train)
+        if changed and ddp.is_main:
+            note(f"--resume applies {', '.join(changed)}")
     return cfg, batches, schedule, total, state
 
 
@@ -166,7 +170,7 @@ def length_from_checkpoint(cfg: Config, resume_from: Resume | None, say: bool) -
             "--set train.time_budget='' (and --set train.steps=N to train longer)"
         )
     if say and fixed_by is not None and fixed_by != cfg.train.time_budget:
-        print(f"note: --resume: this run's length was fixed at {stored.train.steps:,} steps by its time budget "
+        note(f"--resume: this run's length was fixed at {stored.train.steps:,} steps by its time budget "
               f"{fixed_by}; the budget {cfg.train.time_budget} given now does not apply "
               "(to train longer, resume with --set train.steps=N)")
     return with_fixed_length(cfg, stored.train.steps)

@@ -14,6 +14,7 @@ temporary file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -148,24 +149,49 @@ def atomic_file(path: Path, *, fsync: bool = False) -> Iterator[Path]:
 def run_folder_of(path: Path) -> Path | None:
     """The run folder an output lies in (its own folder, or the one above: checkpoints/, samples/)."""
     for folder in (path.parent, path.parent.parent):
-        if (folder / MANIFEST).is_file():
+        if os.path.lexists(folder / MANIFEST):
             return folder
     return None
 
 
-def recorded(folder: Path) -> set[str]:
-    """The files the manifest of a run folder lists, relative to it (empty when there is none)."""
+def open_manifest(folder: Path, flags: int) -> int:
+    """A file descriptor of the folder's manifest, which must be a regular file: never followed
+    through a symlink (it would write outside the folder), never a pipe (it would block)."""
+    where = folder / MANIFEST
     try:
-        lines = (folder / MANIFEST).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        kind = "a symlink" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise UserError(f"{where}: cannot use it as ddpm-mnist's record of the files it wrote ({kind}): "
+                        "remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{where}: not a regular file (a pipe, socket or device); ddpm-mnist keeps its record of the "
+                        "files it wrote there: remove it")
+    return fd
+
+
+def check_manifest(folder: Path) -> None:
+    """Refuse, in one line, a manifest that is a symlink, a pipe or a folder (see `open_manifest`)."""
+    if os.path.lexists(folder / MANIFEST):
+        os.close(open_manifest(folder, os.O_RDONLY))
+
+
+def recorded(folder: Path) -> set[str]:
+    """The files the manifest of a run folder lists, relative to it (empty when there is none); a
+    listed path that leaves the folder ('..', absolute) is not one of its files."""
+    if not os.path.lexists(folder / MANIFEST):
         return set()
+    fd = open_manifest(folder, os.O_RDONLY)
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
     names = set()
     for line in lines:
         try:
             name = json.loads(line)
         except ValueError:
             continue  # a line torn by a crash: its file, if any, is simply not ours
-        if isinstance(name, str):
+        if isinstance(name, str) and name and not name.startswith("/") and ".." not in name.split("/"):
             names.add(name)
     return names
 
@@ -177,8 +203,31 @@ def record_written(path: Path) -> None:
     if folder is None:
         return
     name = path.relative_to(folder).as_posix()
-    with open(folder / MANIFEST, "a", encoding="utf-8") as f:  # one short append: atomic beside other writers
+    fd = open_manifest(folder, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with open(fd, "a", encoding="utf-8") as f:  # one short append: atomic beside other writers
         f.write(json.dumps(name) + "\n")
+
+
+def start_manifest(folder: Path) -> None:
+    """Create (or empty) the folder's manifest: from now on it records what the tool writes there."""
+    os.close(open_manifest(folder, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+
+
+def enclosing_output_folder(folder: Path) -> Path | None:
+    """The folder above `folder` that holds a manifest (a run or export folder of its own), if any."""
+    for parent in resolved(folder).parents:
+        if os.path.lexists(parent / MANIFEST):
+            return parent
+    return None
+
+
+def nested_output_folders(folder: Path) -> list[Path]:
+    """The folders below `folder` that hold a manifest of their own (symlinks not followed)."""
+    found = []
+    for where, dirs, files in os.walk(folder):
+        if where != str(folder) and MANIFEST in files + dirs:
+            found.append(Path(where))
+    return found
 
 
 def fsync_folder(folder: Path) -> None:

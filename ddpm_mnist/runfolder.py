@@ -2,7 +2,11 @@
 
 The folder's manifest (`paths.MANIFEST`) lists every file the tool wrote there, recorded before
 each is written. `--overwrite` deletes exactly those files, and refuses, before deleting anything,
-a folder that holds any other file: a user's notes in samples/ or a checkpoint of another tool.
+a folder that holds any other entry: a user's notes in samples/, a checkpoint of another tool, a
+symlink. The manifest itself must be a regular file, it names only paths inside its folder, and no
+two such folders nest (one's --overwrite would delete the other's files): each is refused in one
+line. A folder without a manifest (a run of an older ddpm-mnist) adopts its checkpoints, event
+file and config by name on --resume; --overwrite never guesses which of its files are ours.
 
 One process writes a run folder at a time: it holds an exclusive `flock` on `<run>/.lock` for
 the whole run, so a second `ddpm train` on the same folder (or an `--overwrite` of it) is refused
@@ -16,14 +20,25 @@ import errno
 import fcntl
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm_mnist import checkpoint as ckpt
-from ddpm_mnist.config import Config, dump_yaml, to_dict
-from ddpm_mnist.errors import CheckpointError, RunError, UserError
-from ddpm_mnist.paths import MANIFEST, record_written, recorded, write_text
+from ddpm_mnist.config import Config, dump_yaml, load_config, to_dict
+from ddpm_mnist.errors import CheckpointError, RunError, UserError, note
+from ddpm_mnist.paths import (
+    MANIFEST,
+    check_manifest,
+    check_paths,
+    enclosing_output_folder,
+    nested_output_folders,
+    record_written,
+    recorded,
+    start_manifest,
+    write_text,
+)
 
 if TYPE_CHECKING:
     from ddpm_mnist.trainstate import TrainState
@@ -33,8 +48,7 @@ LOCK = ".lock"
 FROZEN_ON_RESUME = ("schedule", "model", "seed", "data.limit")
 # The names this tool gives what it writes in a run folder: a folder written before the manifest
 # existed adopts the files of these names (and only those) when it is resumed or overwritten.
-OWN_NAMES = re.compile(r"config\.yaml|events\.out\.tfevents\.[^/]+|checkpoints/(latest|step_[0-9]{9,})\.pt"
-                       r"|samples/[^/]+\.png")
+OWN_NAMES = re.compile(r"config\.yaml|events\.out\.tfevents\.[^/]+|checkpoints/(latest|step_[0-9]{9,})\.pt")
 # A temporary file of `paths.temporary_name` that a killed writer left: `.name.PID.RANDOM.tmp`
 TEMPORARY = re.compile(r"(.*/)?\.(?P<name>[^/]+)\.[0-9]+\.[0-9a-f]{8}\.tmp")
 
@@ -60,6 +74,11 @@ class Resume:
         return self.contents.get("world_size", 1)
 
     @property
+    def cpu_threads(self) -> int | None:
+        """The CPU threads it trained with (None: not recorded, written before they were)."""
+        return self.contents.get("cpu_threads") or None
+
+    @property
     def time_budget(self) -> str | None:
         """The time budget that fixed its length ("": trained by steps; None: written before budgets were recorded)."""
         return self.contents.get("time_budget")
@@ -76,6 +95,7 @@ class RunFolder:
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.latest = self.checkpoints / ckpt.LATEST  # the newest checkpoint, also kept as step_<N>.pt
+        self.config_is_input = False  # the --config file is this folder's config.yaml (see prepare)
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunFolder:
@@ -86,7 +106,9 @@ class RunFolder:
         self.release()
 
     def lock(self) -> None:
-        """Take the folder's exclusive lock, or raise RunError naming the process that holds it."""
+        """Take the folder's exclusive lock, or raise RunError naming the process that holds it (or
+        refusing a folder that nests in another the tool writes, before creating anything)."""
+        self._check_not_nested()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -117,10 +139,14 @@ class RunFolder:
         """True when the folder already holds a run's config or checkpoints."""
         return (self.path / "config.yaml").exists() or any(self.checkpoints.glob("*.pt"))
 
-    def prepare(self, cfg: Config, resume: bool, overwrite: bool) -> Resume | None:
-        """Apply --resume / --overwrite; return the checkpoint to resume from, if any."""
+    def prepare(self, cfg: Config, resume: bool, overwrite: bool, config_file: Path | None = None) -> Resume | None:
+        """Apply --resume / --overwrite; return the checkpoint to resume from, if any. `config_file`:
+        the --config the run was given, which the run's own config.yaml must not replace."""
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
+        check_manifest(self.path)
+        if config_file is not None:
+            self._check_config_input(cfg, config_file, overwrite)
         if self.holds_run() and not (resume or overwrite):
             raise RunError(
                 f"{self.path} already holds a run: add --resume to continue it, --overwrite to replace it, "
@@ -158,41 +184,79 @@ class RunFolder:
                 reasons.append(str(exc))
                 continue
             skipped = f" ({len(reasons)} newer one(s) do not load)" if reasons else ""
-            print(f"note: {latest} is missing: resuming from {path.name}, the newest checkpoint that loads{skipped}")
+            note(f"{latest} is missing: resuming from {path.name}, the newest checkpoint that loads{skipped}")
             return found
         if numbered:
             raise CheckpointError(f"no checkpoint in {self.checkpoints} loads; the newest says: {reasons[0]}")
         return None
 
+    def _check_not_nested(self) -> None:
+        """Refuse a run folder inside another folder the tool writes, or around one."""
+        outer = enclosing_output_folder(self.path)
+        inner = nested_output_folders(self.path) if self.path.is_dir() else []
+        if outer is not None or inner:
+            other = outer if outer is not None else inner[0]
+            where = "inside" if outer is not None else "around"
+            raise RunError(
+                f"{self.path} lies {where} {other}, a folder ddpm-mnist writes (it holds a {MANIFEST}): the "
+                "--overwrite of one would delete the other's files; pick another out_dir or name"
+            )
+
+    def _check_config_input(self, cfg: Config, config_file: Path, overwrite: bool) -> None:
+        """The --config file may be the run's config.yaml: the tool's own (its manifest lists it), which
+        the run rewrites as ever; or a user's file, only where nothing would replace it, a run whose
+        resolved config is the file's (left as it is then, comments and all)."""
+        try:
+            check_paths({"the run's config.yaml": self.path / "config.yaml"}, inputs={"--config": config_file})
+        except UserError:
+            if "config.yaml" in recorded(self.path):
+                return
+            if overwrite or load_config(config_file) != cfg:
+                raise RunError(
+                    f"--config {config_file} is the run's own config.yaml, which --overwrite or a --set override "
+                    "would replace: copy it out of the run folder and give the copy"
+                ) from None
+            self.config_is_input = True
+
     def _keep_manifest(self) -> None:
         """Start the manifest of a new folder, or adopt the tool's own files in a folder written before
         there was one."""
-        if (self.path / MANIFEST).exists():
+        if os.path.lexists(self.path / MANIFEST):
             return
         try:
-            adopted = self._own_files()
-            (self.path / MANIFEST).touch()
+            adopted = {name for name in self._entries()[0] if OWN_NAMES.fullmatch(name)}
+            if self.config_is_input:
+                adopted.discard("config.yaml")  # the user's --config, never to be deleted by an --overwrite
+            start_manifest(self.path)
             for name in sorted(adopted):
                 record_written(self.path / name)
         except OSError as exc:
             raise RunError(f"cannot write the run folder {self.path}: {exc.strerror or exc}") from None
 
-    def _own_files(self) -> set[str]:
-        """What the manifest lists; in a folder without one, the files of the tool's own names."""
-        if (self.path / MANIFEST).exists():
-            return recorded(self.path)
-        return {name for name in self._files() if OWN_NAMES.fullmatch(name)}
-
-    def _files(self) -> set[str]:
-        """Every file under the folder (but its lock and manifest), relative to it."""
-        return {path.relative_to(self.path).as_posix() for path in self.path.rglob("*")
-                if not path.is_dir() and path.name not in (LOCK, MANIFEST)}
+    def _entries(self) -> tuple[set[str], set[str]]:
+        """(regular files, everything else: symlinks, pipes, sockets, devices) under the folder, relative
+        to it, but its own lock and manifest; symlinks are never followed."""
+        files, others = set(), set()
+        for where, dirs, names in os.walk(self.path):
+            base = Path(where).relative_to(self.path)
+            for name in names + [d for d in dirs if os.path.islink(os.path.join(where, d))]:
+                relative = (base / name).as_posix()
+                if relative in (LOCK, MANIFEST):
+                    continue
+                mode = os.lstat(os.path.join(where, name)).st_mode
+                (files if stat.S_ISREG(mode) else others).add(relative)
+        return files, others
 
     def _remove_outputs(self) -> None:
-        """Delete what the manifest lists (and temporary files a killed writer left), once no other file is there."""
-        ours = self._own_files()
-        files = self._files()
-        foreign = sorted(name for name in files if name not in ours and not self._leftover(name, ours))
+        """Delete what the manifest lists (and temporary files a killed writer left), once nothing else is there."""
+        files, others = self._entries()
+        if not os.path.lexists(self.path / MANIFEST) and (files or others):
+            raise RunError(
+                f"--overwrite: {self.path} holds files and no {MANIFEST} (the record of what ddpm-mnist wrote there), "
+                "so nothing in it is known to be the tool's: move them away, or pick another name with --set name=NEW"
+            )
+        ours = recorded(self.path)
+        foreign = sorted(others | {name for name in files if name not in ours and not self._leftover(name, ours)})
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise RunError(
@@ -202,10 +266,10 @@ class RunFolder:
         try:
             for name in sorted(files, reverse=True):
                 (self.path / name).unlink()
-            for folder in sorted((p for p in self.path.rglob("*") if p.is_dir()), reverse=True):
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-            (self.path / MANIFEST).write_text("", encoding="utf-8")
+            for where, _, _ in sorted(os.walk(self.path), reverse=True):
+                if where != str(self.path) and not os.listdir(where):
+                    os.rmdir(where)
+            start_manifest(self.path)
         except OSError as exc:
             raise RunError(f"cannot clear the run folder {self.path}: {exc.strerror or exc}") from None
 
@@ -225,7 +289,9 @@ class RunFolder:
         return ckpt.save_checkpoint(contents, self.checkpoints, cfg.train.keep_checkpoints)
 
     def write_config(self, cfg: Config) -> None:
-        """The resolved config as `<run>/config.yaml`."""
+        """The resolved config as `<run>/config.yaml` (left as it is where it is the --config input)."""
+        if self.config_is_input:
+            return
         try:
             write_text(self.path / "config.yaml", dump_yaml(cfg))
         except UserError as exc:

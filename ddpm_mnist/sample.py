@@ -24,7 +24,7 @@ from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, SampleRequest, apply_overrides, with_sample_options
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
-from ddpm_mnist.errors import UserError
+from ddpm_mnist.errors import UserError, note
 from ddpm_mnist.maths.samplers import IMAGE_SHAPE, NOISE_CHUNK, NoiseSource, Sampler, Step, sampler_for
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -217,7 +217,7 @@ class Sampling:
         try:
             forward_on_zeros(self.model, self.cfg, batch_size, self.runtime)
         except Exception as exc:  # any failure of the compiler (no C++ compiler, say)
-            print(f"note: sample.compile: auto: not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})")
+            note(f"sample.compile: auto: not compiled ({type(exc).__name__}: {str(exc).strip()[:80]})")
             self.model, self.compiled = self.eager, False
         self.eager = None
 

@@ -18,7 +18,7 @@ from ddpm_mnist.config import Config, SampleRequest
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import Stopped, UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
-from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable
+from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, resolved
 from ddpm_mnist.sample import Sampling, prepare_sampling
 
 GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --tensor take every image
@@ -122,6 +122,8 @@ def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:
         conditioning = f"_w{s.guidance:g}" + (f"_digits{''.join(map(str, s.digits))}" if s.digits else "")
     weights = "" if s.use_ema else "_raw"
     name = f"{s.sampler}{cfg.reverse_steps}{spacing}{conditioning}_seed{cfg.seed}_n{s.n}{weights}.png"
+    if ckpt_path.name in ("", ".", ".."):  # `--ckpt .` inside an exported folder: name it by its real name
+        ckpt_path = resolved(ckpt_path)
     if ckpt_path.parent.name == "checkpoints":
         return ckpt_path.parent.parent / "samples" / name
     return ckpt_path.with_name(f"{ckpt_path.stem}_{name}")

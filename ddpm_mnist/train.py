@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def train(
     cfg: Config, *, hooks: Hooks | None = None, resume: bool = False, overwrite: bool = False,
-    device_name: str | None = None, change_world_size: bool = False,
+    device_name: str | None = None, change_world_size: bool = False, config_file: Path | None = None,
 ) -> Path:
     """Train the config's model on MNIST; return the run folder `out_dir/name`.
 
@@ -30,13 +30,15 @@ def train(
     file (and what the hooks write, such as samples/). Under torchrun, trains with
     DistributedDataParallel (rank 0 writes and holds the folder's lock). Raises `Stopped` after
     saving when stopped by Ctrl-C or SIGTERM (a second Ctrl-C stops at once, keeping the last checkpoint).
+    `config_file`: the --config file cfg came from, which the run folder's files never replace.
     """
     ddp = init_distributed(device_name or cfg.runtime.device)
     folder = RunFolder(cfg.run_dir)
     try:
+        resume_from = open_run(folder, cfg, ddp, resume, overwrite, config_file)
         runtime = setup_runtime(cfg.runtime, device_name, local_rank=ddp.local_rank if ddp.enabled else None,
-                                seed=cfg.seed, rank=ddp.rank)
-        resume_from = open_run(folder, cfg, ddp, resume, overwrite)
+                                seed=cfg.seed, rank=ddp.rank, training=True,
+                                recorded_threads=None if resume_from is None else resume_from.cpu_threads)
         return run_steps(cfg, ddp, runtime, folder, resume_from, hooks or Hooks(), change_world_size)
     except KeyboardInterrupt as interrupt:  # before the loop, or a second Ctrl-C within a step
         latest = folder.latest
@@ -48,12 +50,13 @@ def train(
         close(ddp)
 
 
-def open_run(folder: RunFolder, cfg: Config, ddp: Dist, resume: bool, overwrite: bool) -> Resume | None:
+def open_run(folder: RunFolder, cfg: Config, ddp: Dist, resume: bool, overwrite: bool,
+             config_file: Path | None = None) -> Resume | None:
     """Rank 0 locks the folder and applies --resume / --overwrite; every rank gets the checkpoint to resume."""
 
     def prepare() -> Resume | None:
         folder.lock()
-        return folder.prepare(cfg, resume, overwrite)
+        return folder.prepare(cfg, resume, overwrite, config_file)
 
     found = on_main(ddp, prepare)
     chosen = gather(ddp, None if found is None else str(found.path))[0]

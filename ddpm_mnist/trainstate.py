@@ -217,3 +217,23 @@ def relay_lr_schedule(state: TrainState, training: TrainConfig, total_steps: int
     scheduler.lr_lambdas = [factor] * len(state.optimizer.param_groups)
     for group, base_lr in zip(state.optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = base_lr * factor(scheduler.last_epoch)  # the next step's lr, as the new schedule has it
+
+
+# The optimiser settings a checkpoint's optimiser state carries, which --resume takes from the config instead
+RESUMABLE_OPTIMIZER_KEYS = ("lr", "adam_beta2", "weight_decay")
+
+
+def apply_optimizer_settings(state: TrainState, training: TrainConfig, saved: TrainConfig) -> list[str]:
+    """After a checkpoint's optimiser state is loaded (which brings the run's lr, betas and weight
+    decay back with it), put the config's in their place; return what changed, for a note."""
+    scheduler = state.lr_scheduler
+    decay, no_decay = state.optimizer.param_groups
+    for group in (decay, no_decay):
+        group["betas"] = (0.9, training.adam_beta2)
+        group["initial_lr"] = training.lr
+    decay["weight_decay"] = training.weight_decay
+    scheduler.base_lrs = [training.lr] * len(state.optimizer.param_groups)
+    for group, factor in zip(state.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = training.lr * factor(scheduler.last_epoch)  # the next step's lr, as the schedule has it
+    return [f"train.{key} {getattr(training, key):g} (the run had {getattr(saved, key):g})"
+            for key in RESUMABLE_OPTIMIZER_KEYS if getattr(training, key) != getattr(saved, key)]

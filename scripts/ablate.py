@@ -36,8 +36,9 @@ from pathlib import Path
 import yaml
 
 from ddpm_mnist.config import duration_seconds
+from ddpm_mnist.config.sampler_names import SAMPLER_NAMES
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import check_input_file, check_paths, check_suffix, ensure_writable
+from ddpm_mnist.paths import check_input_file, check_paths, check_suffix, ensure_writable, write_text
 
 METRICS = ("fid_mnist", "confidence", "class_kl")
 OWNED = ("name", "out_dir", "seed", "train.steps", "train.epochs", "train.time_budget")  # what ablate.py sets itself
@@ -87,7 +88,7 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
     run_dir = args.runs / run_name
     result, record = run_dir / "eval.json", run_dir / "ablate.json"
     wanted = settings_of(args, overrides, seed)
-    done = json.loads(record.read_text()) if record.is_file() else {}
+    done = read_json(record)
     ddpm = [sys.executable, "-m", "ddpm_mnist"]  # this interpreter's package, whatever PATH holds
     if done.get("train") != wanted["train"]:
         sets = [f"name={run_name}", f"out_dir={args.runs}", f"seed={seed}", "train.steps=0", "train.epochs=0",
@@ -97,14 +98,14 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
         said = child([*train, *(x for s in sets for x in ("--set", s))], f"training {run_name}")
         timing = {"wall_seconds": round(time.perf_counter() - started, 1),
                   "train_seconds": realised_seconds(said, args.budget)}
-        (run_dir / "timing.json").write_text(json.dumps(timing) + "\n")
+        write_text(run_dir / "timing.json", json.dumps(timing) + "\n")  # recorded in the run's manifest
         done = {"train": wanted["train"]}
-        record.write_text(json.dumps(done, indent=2) + "\n")
+        write_text(record, json.dumps(done, indent=2) + "\n")
     if done.get("eval") != wanted["eval"] or not result.is_file():
         child([*ddpm, "eval", "--ckpt", str(run_dir / "checkpoints" / "latest.pt"), "--n", str(args.n),
                "--sampler", args.sampler, "--steps", str(args.steps), "--seed", str(seed), "--json", str(result)],
               f"measuring {run_name}")
-        record.write_text(json.dumps({**done, "eval": wanted["eval"]}, indent=2) + "\n")
+        write_text(record, json.dumps({**done, "eval": wanted["eval"]}, indent=2) + "\n")
     else:
         print(f"reusing {run_dir}: trained and measured with these same settings")
     report = json.loads(result.read_text())
@@ -116,12 +117,24 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
             **{m: report["samples"][m] for m in METRICS}, "floor_fid_mnist": report["floor"]["fid_mnist"]}
 
 
+def read_json(path: Path) -> dict:
+    """A record this script wrote, or {} where there is none or it does not read (a killed write): the
+    run is then trained or measured again."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def timing_of(run_dir: Path) -> dict:
     """What timing.json says of a run's training: its process's wall time and the loop's own time
     (a run trained before timing.json: its wall time only)."""
-    if (run_dir / "timing.json").is_file():
-        return json.loads((run_dir / "timing.json").read_text())
-    return {"wall_seconds": float((run_dir / "wall_seconds.txt").read_text()), "train_seconds": None}
+    timing = read_json(run_dir / "timing.json")
+    if timing:
+        return timing
+    wall = run_dir / "wall_seconds.txt"
+    return {"wall_seconds": float(wall.read_text()) if wall.is_file() else None, "train_seconds": None}
 
 
 DONE = re.compile(r"^done: [0-9,]+ steps in \S+ of a \S+ budget \(([+-][0-9.]+)%\)")
@@ -245,6 +258,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         duration_seconds(args.budget)
     except ValueError:
         fail(f"--budget {args.budget!r}: give a duration from 1s to 1000h such as 90s, 5m or 1.5h")
+    if args.sampler not in SAMPLER_NAMES:
+        fail(f"--sampler {args.sampler!r}: give one of {', '.join(SAMPLER_NAMES)}")
     if args.n < 2 or args.steps < 1:
         fail(f"--n {args.n} --steps {args.steps}: a measurement needs n >= 2 and steps >= 1")
 

@@ -439,11 +439,17 @@ def on_sigterm(signum: int, frame: Any) -> None:
 
 def measure_child(training: Training, part: str, batch: int, seconds: float) -> float:
     """--child: the rate of `part` in this process, for at least `seconds`: the reverse loop in
-    20-step runs (image-steps/s) or the training step (images/s). The runtime's thread governor,
-    if any, follows the machine across the runs."""
+    20-step runs (image-steps/s) or the training step (images/s), each with the threads its command
+    has (sampling: the governor follows the machine; training: one count for the run)."""
     runtime, device = training.runtime, training.runtime.device
     if part == "train":
-        work, amount = training.step, training.cfg.train.batch_size
+        fixed = setup_runtime(training.cfg.runtime, str(device), training=True)
+
+        def work() -> None:
+            training.step()
+            fixed.share_cpu()  # as the training loop calls it between steps
+
+        amount = training.cfg.train.batch_size
     else:
         sampler = make_sampler("ancestral", training.schedule, 20, prediction_type=training.cfg.model.prediction_type,
                                device=device)

@@ -41,7 +41,10 @@ if all_present; then
   exit 0
 fi
 
-mkdir -p "$raw"
+if ! mkdir -p "$raw" 2>/dev/null; then
+  echo "error: cannot create $raw (is $root, or a folder on the way, a file?): give a folder for MNIST" >&2
+  exit 2
+fi
 echo "fetching MNIST into $raw with torchvision's download ..."
 log="$(mktemp)"
 if "$python" - "$root" >"$log" 2>&1 <<'PY'

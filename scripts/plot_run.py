@@ -63,8 +63,9 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out or args.run / "training.png"
     try:
-        ensure_writable(check_suffix(out, "--out", (".png",)))
-        scalars = read_scalars(args.run)
+        check_suffix(out, "--out", (".png",))
+        scalars = read_scalars(args.run)  # before ensure_writable creates a folder for --out
+        ensure_writable(out)
         if "train/loss" not in scalars:
             raise UserError(f"{args.run}: its event file holds no train/loss curve yet")
         save_figure(figure(scalars), out)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -69,3 +74,27 @@ def copy_fixture(tmp_path: Path) -> Path:
     raw = tmp_path / "MNIST" / "raw"
     shutil.copytree(FIXTURE_ROOT / "MNIST" / "raw", raw)
     return raw
+
+
+# torch on one thread, convolutions until the block ends (or its parent, the test process, is gone)
+BURNER = """import os, sys, torch
+torch.set_num_threads(1)
+x, conv = torch.randn(64, 16, 28, 28), torch.nn.Conv2d(16, 16, 3, padding=1)
+with torch.no_grad():
+    conv(x)
+    print("burning", flush=True)
+    while os.getppid() == int(sys.argv[1]):
+        conv(x)
+"""
+
+
+@contextlib.contextmanager
+def cpu_burner() -> Iterator[None]:
+    """A second process that keeps one core busy while the block runs: a machine that is not quiet."""
+    proc = subprocess.Popen([sys.executable, "-c", BURNER, str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "burning"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()

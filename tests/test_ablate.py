@@ -78,6 +78,20 @@ def test_a_result_is_reused_only_for_the_same_settings_and_says_so(tmp_path: Pat
     report = json.loads((tmp_path / "runs" / "plain_s0" / "eval.json").read_text())
     assert report["n"] == 4 and json.loads((tmp_path / "ablation.json").read_text())["n"] == 4
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["steps"] == before["steps"]  # not retrained
+    # a changed budget retrains: ablate.json and timing.json are the tool's own, which --overwrite deletes
+    retrained = ablation(tmp_path, "--budget", "4s")
+    assert retrained.returncode == 0, retrained.stderr
+    assert "reusing" not in retrained.stdout
+    assert json.loads((tmp_path / "runs" / "plain_s0" / "ablate.json").read_text())["train"]["budget"] == "4s"
+
+
+def test_a_torn_record_reads_as_none_so_the_run_is_done_again(tmp_path: Path) -> None:
+    for text in ('{"train": ', "[1, 2]", "[" * 100_000):
+        (tmp_path / "ablate.json").write_text(text)
+        assert ablate.read_json(tmp_path / "ablate.json") == {}
+    assert ablate.read_json(tmp_path / "missing.json") == {}
+    (tmp_path / "ablate.json").write_text('{"train": {"budget": "3s"}}')
+    assert ablate.read_json(tmp_path / "ablate.json") == {"train": {"budget": "3s"}}
 
 
 @pytest.mark.slow
@@ -90,6 +104,7 @@ def test_a_result_is_reused_only_for_the_same_settings_and_says_so(tmp_path: Pat
     (["--budget", "3x"], "--budget '3x': give a duration"),
     (["--n", "x"], "argument --n: invalid int value"),
     (["--table", "missing/dir/t.txt"], "--table missing/dir/t.txt: the file name must end in .md"),
+    (["--sampler", "bogus"], "--sampler 'bogus': give one of ancestral, ddim, dpmpp_2m"),
 ])
 def test_bad_ablation_arguments_are_one_line_before_any_training(tmp_path: Path, extra: list[str], says: str) -> None:
     done = subprocess.run(

@@ -141,9 +141,9 @@ def test_a_budget_on_resume_applies_or_says_why_not(smoke_cfg: Config, capsys, m
     capsys.readouterr()
     # another budget for a run whose length its first budget fixed: said in one line, the length kept
     smoke_run(smoke_cfg, *BUDGET, "name=fixed", "train.time_budget=1h", resume=True)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert (f"note: --resume: this run's length was fixed at {total:,} steps by its time budget 6s; the budget 1h "
-            "given now does not apply") in out
+            "given now does not apply") in err
     assert "nothing to train" in out
     # a run trained by steps cannot take a budget on resume: one line, not a length silently kept
     smoke_run(smoke_cfg, "train.steps=4", "train.sample_every=0", "name=bysteps")

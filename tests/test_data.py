@@ -148,3 +148,12 @@ def test_one_table_of_md5s_serves_the_loader_and_the_fetch_script() -> None:
     assert not any(md5 in script for md5 in sets["mnist"].values())  # no second copy of the hashes
     shown = subprocess.run(["scripts/fetch_mnist.sh", "--md5s"], cwd=ROOT, capture_output=True, text=True)
     assert dict(line.split() for line in shown.stdout.splitlines()) == sets["mnist"], shown.stderr
+
+
+def test_the_fetch_script_refuses_a_root_that_is_a_file_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    result = subprocess.run([str(ROOT / "scripts" / "fetch_mnist.sh"), str(tmp_path / "file")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    root = tmp_path / "file"
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: cannot create {root}/MNIST/raw (is {root}, or a folder on the way, a file?): give a folder for MNIST"]

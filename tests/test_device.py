@@ -8,7 +8,7 @@ from conftest import SMOKE, run_cli
 from helpers import one_line_error
 
 from ddpm_mnist.config import ModelConfig, ScheduleConfig
-from ddpm_mnist.device import CpuThreads, Runtime, cpu_threads, read_cpu_use
+from ddpm_mnist.device import CpuThreads, Runtime, allowed_cores, cpu_threads, read_cpu_use
 from ddpm_mnist.maths.samplers import NoiseSource, make_sampler
 from ddpm_mnist.maths.schedule import make_schedule
 from ddpm_mnist.maths.unet import UNet
@@ -67,10 +67,44 @@ def test_the_threads_come_back_when_the_other_process_stops() -> None:
 
 
 def test_a_fixed_count_environment_or_gpu_is_left_alone() -> None:
-    assert cpu_threads(3, CPU, fixed_by_environment=False) is None and torch.get_num_threads() == 3
-    assert cpu_threads(0, CPU, fixed_by_environment=True) is None
-    assert cpu_threads(0, torch.device("cuda"), fixed_by_environment=False) is None
-    assert isinstance(cpu_threads(0, CPU, fixed_by_environment=False), CpuThreads)
+    assert cpu_threads(1, CPU, fixed_by_environment=False)[0] is None and torch.get_num_threads() == 1
+    assert cpu_threads(0, CPU, fixed_by_environment=True)[0] is None
+    assert cpu_threads(0, torch.device("cuda"), fixed_by_environment=False) == (None, "")
+    governor, says = cpu_threads(0, CPU, fixed_by_environment=False)
+    assert isinstance(governor, CpuThreads) and governor.follow and "follow" in says
+
+
+def test_more_threads_than_cores_run_one_per_core_and_say_so(capsys) -> None:
+    """runtime.threads 4096 on one core once spun for minutes: a count above the cores runs one per core."""
+    governor, says = cpu_threads(4096, CPU, fixed_by_environment=False)
+    cores = allowed_cores()
+    assert governor is None and torch.get_num_threads() == cores and says.startswith(f"{cores} CPU thread")
+    assert f"this process may use {cores} CPU core(s)" in capsys.readouterr().err
+
+
+def test_training_keeps_every_core_or_the_recorded_count_for_the_whole_run(capsys) -> None:
+    cores = allowed_cores()
+    governor, says = cpu_threads(0, CPU, fixed_by_environment=False, training=True)
+    assert torch.get_num_threads() == cores and not governor.follow and "for the whole run (every core)" in says
+    governor, says = cpu_threads(0, CPU, fixed_by_environment=False, training=True, recorded=1)
+    assert torch.get_num_threads() == 1 and "the count the run started with" in says
+    assert capsys.readouterr().err == ""
+    cpu_threads(0, CPU, fixed_by_environment=False, training=True, recorded=cores + 1)  # a smaller machine now
+    assert torch.get_num_threads() == cores and f"it goes on with {cores}" in capsys.readouterr().err
+    cpu_threads(3, CPU, fixed_by_environment=False, training=True, recorded=1)  # a count given wins
+    assert torch.get_num_threads() == min(3, cores)
+
+
+def test_training_threads_stay_beside_a_busy_process_and_say_so_once(capsys) -> None:
+    """A training run's count never changes (bit-exact resume); the first slowdown is said, once."""
+    torch.set_num_threads(2)
+    machine = FakeMachine(others=1.0)
+    watcher = CpuThreads(2, every=1.0, read=machine, clock=machine.clock, follow=False)
+    for _ in range(5):
+        watcher.adapt()
+        assert torch.get_num_threads() == 2
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "training keeps its 2 CPU threads" in err and "runtime.threads=1" in err
 
 
 def test_the_proc_readings_move_forward_with_work() -> None:

@@ -86,5 +86,5 @@ def test_resuming_on_another_process_count_is_refused_unless_asked(smoke_cfg: Co
     allowed = subprocess.run([*command, "--change-world-size"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
-    assert "note: resuming a 1-process run on 2" in allowed.stdout
+    assert "note: resuming a 1-process run on 2" in allowed.stderr
     assert load_checkpoint(smoke_cfg.run_dir / "checkpoints" / "latest.pt")["world_size"] == 2

@@ -237,3 +237,10 @@ def test_eval_refuses_a_negative_n(trained_run: Path, tmp_path: Path, capsys) ->
     for n in ("-1", "0", "16"):
         code, _, err = run_cli(capsys, "eval", "--samples", tensor, "--n", n, "--data", FIXTURE_ROOT)
         one_line_error(code, err, f"--n {n}: {tensor} holds 15 images")
+
+
+def test_samples_whose_labels_are_not_a_tensor_are_one_line(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "x.pt"
+    torch.save({"images": torch.zeros(4, 1, 28, 28, dtype=torch.uint8), "labels": [1, 2, 3, 4]}, path)
+    code, _, err = run_cli(capsys, "eval", "--samples", path, "--data", FIXTURE_ROOT)
+    one_line_error(code, err, "its labels must be a tensor of 4 digits 0 to 9 (int64), not a list")

@@ -7,6 +7,7 @@ same bytes as the checkpoint it came from.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,185 @@ def test_folders_and_files_that_do_not_fit_are_one_line(runs, tmp_path: Path, ca
         code, _, err = run_cli(capsys, "sample", "--ckpt", hostile, "--n", "1", "--out", tmp_path / "g.png")
         one_line_error(code, err, says)
     assert not (tmp_path / "g.png").exists()
+
+
+def test_overwrite_replaces_only_an_earlier_export(runs, tmp_path: Path, capsys) -> None:
+    """A folder or file --out names may be a user's: --overwrite once replaced their README.md and model_index.json."""
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "README.md").write_text("my notes\n")
+    (users / "model_index.json").write_text("{}\n")
+    mine = tmp_path / "mine.safetensors"
+    save_file({"x": torch.zeros(2)}, mine)
+    before = {path: path.read_bytes() for path in (users / "README.md", users / "model_index.json", mine)}
+    code, _, err = run_cli(capsys, "export", "--ckpt", runs["epsilon"], "--out", users, "--overwrite")
+    one_line_error(code, err, "holds files ddpm export did not write (README.md, model_index.json)")
+    code, _, err = run_cli(capsys, "export", "--ckpt", runs["epsilon"], "--out", mine, "--format", "safetensors",
+                           "--overwrite")
+    one_line_error(code, err, "is not a weights file of ddpm export, the only file it replaces")
+    assert {path: path.read_bytes() for path in before} == before
+    # an earlier export of its own: replaced whole, with nothing of the old one left
+    export(capsys, runs["epsilon"], tmp_path / "pipe")
+    (tmp_path / "pipe" / "unet" / "extra.json").write_text("{}")  # not the tool's: refused
+    code, _, err = run_cli(capsys, "export", "--ckpt", runs["v"], "--out", tmp_path / "pipe", "--overwrite")
+    one_line_error(code, err, "did not write (unet/extra.json)")
+    (tmp_path / "pipe" / "unet" / "extra.json").unlink()
+    export(capsys, runs["v"], tmp_path / "pipe", "--overwrite")
+    assert load_checkpoint(tmp_path / "pipe")["config"]["model"]["prediction_type"] == "v"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    export(capsys, runs["epsilon"], tmp_path / "w.safetensors", "--format", "safetensors")
+    export(capsys, runs["v"], tmp_path / "w.safetensors", "--format", "safetensors", "--overwrite")
+
+
+def test_an_export_inside_a_run_folder_is_refused(runs, tmp_path: Path, capsys) -> None:
+    """The run's --overwrite would delete it (and once called its files foreign)."""
+    inside = runs["epsilon"].parent / "latest"
+    code, _, err = run_cli(capsys, "export", "--ckpt", runs["epsilon"], "--out", inside)
+    one_line_error(code, err, f"lies inside {runs['epsilon'].parent.parent}, a folder ddpm-mnist writes")
+    assert not inside.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_an_event_file_that_is_not_a_file_leaves_the_card_without_the_training_time(smoke_cfg: Config, tmp_path: Path,
+                                                                                    capsys, kind: str) -> None:
+    """A pipe named like the event file once hung ddpm export; a folder of that name gave a bare error."""
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    odd = run / "events.out.tfevents.0.odd"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.mkdir()
+    export(capsys, run / "checkpoints" / "latest.pt", tmp_path / "pipe")
+    assert "training time" not in (tmp_path / "pipe" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("report", ['{"samples": "x", "floor": {}, "n": 5}', '{"samples": {}, "floor": {}, "n": 5}',
+                                    '[' * 50_000 + ']' * 50_000, '{"samples": {"fid_mnist": 1, "confidence": 1}, '
+                                    '"floor": {"confidence": 1}, "n": 5}', "{torn"])
+def test_an_eval_report_that_does_not_read_leaves_the_model_card_without_it(smoke_cfg: Config, tmp_path: Path, capsys,
+                                                                            report: str) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    (run / "eval.json").write_text(report)
+    export(capsys, run / "checkpoints" / "latest.pt", tmp_path / "pipe")
+    assert "Measured with ddpm eval" not in (tmp_path / "pipe" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("sets", [["schedule.cosine_s=0.02"], ["schedule.max_beta=0.5"]])
+def test_cosine_schedules_diffusers_has_no_name_for_read_back(smoke_cfg: Config, tmp_path: Path, capsys,
+                                                              sets: list[str]) -> None:
+    """They export as trained_betas, which reading once refused: the tool could not read its own export."""
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0", "schedule.beta_schedule=cosine", *sets)
+    ckpt = run / "checkpoints" / "latest.pt"
+    export(capsys, ckpt, tmp_path / "pipe")
+    trained, read = checkpoint_config(load_checkpoint(ckpt), ckpt), load_checkpoint(tmp_path / "pipe")
+    schedule = checkpoint_config(read, tmp_path / "pipe").schedule
+    assert schedule.max_beta == trained.schedule.max_beta
+    assert schedule.cosine_s == pytest.approx(trained.schedule.cosine_s, rel=1e-9)
+    ours = make_schedule(trained.schedule).betas.double()
+    assert torch.allclose(make_schedule(schedule).betas.double(), ours, rtol=1e-6, atol=0)
+    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    torch.testing.assert_close(scheduler.betas.double(), ours, rtol=1e-6, atol=0)  # diffusers' float32
+    code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "pipe", "--n", "2", "--steps", "2",
+                           "--out", tmp_path / "g.png")
+    assert code == 0, err
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(runs, small_disk, capsys) -> None:
+    disk = small_disk(64)  # KB: the weights do not fit
+    code, _, err = run_cli(capsys, "export", "--ckpt", runs["epsilon"], "--out", disk / "pipe")
+    one_line_error(code, err, f"cannot write {disk / 'pipe'}: No space left on device")
+    assert list(disk.iterdir()) == []
+
+
+def test_ckpt_dot_inside_an_exported_folder_names_its_grid_after_the_folder(runs, tmp_path: Path, capsys,
+                                                                              monkeypatch) -> None:
+    export(capsys, runs["epsilon"], tmp_path / "pipe")
+    monkeypatch.chdir(tmp_path / "pipe")
+    code, out, err = run_cli(capsys, "sample", "--ckpt", ".", "--n", "2", "--steps", "2")
+    assert code == 0, err
+    assert (tmp_path / "pipe_ancestral2_seed0_n2.png").is_file()
+
+
+def hostile_folder(runs, tmp_path: Path, capsys) -> Path:
+    folder = tmp_path / "pipe"
+    if not folder.exists():
+        export(capsys, runs["epsilon"], folder)
+    return folder
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("file, key, value, says", [
+    ("unet", "resnet_time_scale_shift", ["default"], "resnet_time_scale_shift must be a plain value, got a list"),
+    ("unet", "attn_norm_num_groups", {"a": 1}, "attn_norm_num_groups must be a plain value, got a dict"),
+    ("unet", "norm_num_groups", [8], "norm_num_groups must be a plain value"),
+    ("unet", "down_block_types", 5, "down_block_types must be a list of plain values, got int"),
+    ("unet", "attention_head_dim", [8, 16], "attention_head_dim must be one number"),
+    ("scheduler", "beta_schedule", ["linear"], "beta_schedule must be a plain value"),
+    ("scheduler", "prediction_type", {"x": 1}, "prediction_type must be a plain value"),
+    ("scheduler", "trained_betas", [0.1] * 3, "trained_betas: ddpm-mnist reads trained_betas only of its own cosine"),
+])
+def test_hand_made_configs_of_the_wrong_type_are_one_line(runs, tmp_path: Path, capsys, file: str, key: str,
+                                                          value: object, says: str) -> None:
+    folder = hostile_folder(runs, tmp_path, capsys)
+    edit_json(folder / file / ("config.json" if file == "unet" else "scheduler_config.json"), **{key: value})
+    code, _, err = run_cli(capsys, "sample", "--ckpt", folder, "--n", "1", "--steps", "2", "--out", tmp_path / "g.png")
+    one_line_error(code, err, says)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_deeply_nested_json_is_one_line(runs, tmp_path: Path, capsys) -> None:
+    folder = hostile_folder(runs, tmp_path, capsys)
+    (folder / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", folder, "--n", "1", "--out", tmp_path / "g.png")
+    one_line_error(code, err, "nested too deeply")
+    state = load_checkpoint(runs["epsilon"])
+    hostile = tmp_path / "deep.safetensors"
+    save_file(state["ema"], hostile, metadata={"format": "ddpm-mnist-weights", "config": "[" * 100_000, "step": "1"})
+    code, _, err = run_cli(capsys, "sample", "--ckpt", hostile, "--n", "1", "--out", tmp_path / "g.png")
+    one_line_error(code, err, "config or step is not readable")
+
+
+@pytest.mark.parametrize("target, make, says", [
+    ("scheduler/scheduler_config.json", "fifo", "not a regular file (a pipe, socket or device)"),
+    ("scheduler/scheduler_config.json", "dev_zero", "not a regular file (a pipe, socket or device)"),
+    ("unet/diffusion_pytorch_model.safetensors", "fifo", "not a regular file (a pipe, socket or device)"),
+    ("unet/diffusion_pytorch_model.safetensors", "loop", "Too many levels of symbolic links"),
+    ("unet/config.json", "missing", "a diffusers DDPMPipeline folder holds unet/config.json, and this one has none"),
+    ("unet/config.json", "fifo", "a diffusers DDPMPipeline folder holds unet/config.json, and this one has none"),
+])
+def test_special_files_in_a_model_folder_are_refused_instead_of_blocking(runs, tmp_path: Path, capsys, target: str,
+                                                                         make: str, says: str) -> None:
+    folder = hostile_folder(runs, tmp_path, capsys)
+    path = folder / target
+    path.unlink()
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif make == "loop":
+        path.symlink_to(path)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", folder, "--n", "1", "--out", tmp_path / "g.png")
+    one_line_error(code, err, says)
+
+
+@pytest.mark.parametrize("name, change, says", [
+    ("conv_in.weight", lambda t: t.reshape(-1), "conv_in.weight is torch.float32 (72,); ddpm-mnist's U-Net needs "
+                                                "torch.float32 (8, 1, 3, 3)"),
+    ("conv_in.weight", lambda t: t.reshape(1, 8, 3, 3), "needs torch.float32 (8, 1, 3, 3)"),
+    ("conv_in.bias", lambda t: t.half(), "conv_in.bias is torch.float16 (8,)"),
+    ("mid_block.attentions.0.to_k.weight", lambda t: t.reshape(-1), "to_k.weight is torch.float32"),
+    ("mid_block.attentions.0.to_q.bias", lambda t: t[0], "to_q.bias is torch.float32 ()"),
+])
+def test_weights_of_the_wrong_shape_or_dtype_are_refused_by_name(runs, tmp_path: Path, capsys, name: str,
+                                                                 change, says: str) -> None:
+    folder = hostile_folder(runs, tmp_path, capsys)
+    weights_path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+    tensors = load_file(weights_path)
+    tensors[name] = change(tensors[name]).contiguous()
+    save_file(tensors, weights_path)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", folder, "--n", "1", "--out", tmp_path / "g.png")
+    one_line_error(code, err, says)

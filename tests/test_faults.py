@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
-from helpers import digest, fill, one_line_error, smoke_run, train_args, weights
+from helpers import cpu_burner, digest, fill, one_line_error, smoke_run, train_args, weights
 
 import ddpm_mnist.checkpoint as checkpoint_module
 import ddpm_mnist.loop as loop
@@ -35,7 +35,14 @@ def train_command(out_dir: Path, *sets: str) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_ends_where_an_uninterrupted_run_does(smoke_cfg: Config, tmp_path) -> None:
     """Kill a training process with SIGKILL at random moments, mid-step or mid-save (it saves
-    every step), check each time that latest.pt loads, resume, and compare with a straight run."""
+    every step), check each time that latest.pt loads, resume, and compare with a straight run; all
+    of it beside another process that keeps a core busy, with the default runtime.threads."""
+    assert smoke_cfg.runtime.threads == 0
+    with cpu_burner():
+        sigkill_and_resume(smoke_cfg, tmp_path)
+
+
+def sigkill_and_resume(smoke_cfg: Config, tmp_path: Path) -> None:
     sets = ["train.steps=16", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.sample_every=0",
             "model.dropout=0.1", "train.lr_schedule=cosine"]
     straight = smoke_run(smoke_cfg, *sets, "name=straight")

@@ -37,3 +37,6 @@ def test_a_folder_without_events_is_one_line(tmp_path: Path) -> None:
     for run, says in ((tmp_path / "nothing", "not a run folder"), (tmp_path, "holds no TensorBoard event file")):
         done = plot(run, "--out", tmp_path / "t.png")
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = plot(tmp_path / "missing" / "run")  # its default --out lies in the missing folder
+    assert done.returncode == 2 and "not a run folder" in done.stderr, done.stderr
+    assert not (tmp_path / "missing").exists()  # refused before any folder is made

@@ -1,4 +1,5 @@
-"""runfolder: one writer per run folder, and what --resume finds in it."""
+"""runfolder: one writer per run folder, what --resume finds in it, and what --overwrite may delete:
+only the files the folder's manifest lists, in a folder that nests in no other."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import digest, one_line_error, smoke_run, train_args, weights
 
 from ddpm_mnist.checkpoint import load_checkpoint
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import RunError
+from ddpm_mnist.paths import recorded
 from ddpm_mnist.runfolder import RunFolder
 
 
@@ -32,8 +35,8 @@ def test_resume_without_latest_continues_from_the_newest_numbered_checkpoint(smo
     step10 = digest(checkpoints / "step_000000010.pt")
     capsys.readouterr()
     smoke_run(smoke_cfg, *sets, "name=broken", resume=True)
-    out = capsys.readouterr().out
-    assert "resuming from step_000000010.pt, the newest checkpoint that loads (1 newer one(s) do not load)" in out
+    err = capsys.readouterr().err
+    assert "resuming from step_000000010.pt, the newest checkpoint that loads (1 newer one(s) do not load)" in err
     assert digest(checkpoints / "step_000000010.pt") == step10  # not overwritten by a fresh run
     a, b = weights(straight), weights(broken)
     assert all(torch.equal(a[key], b[key]) for key in a)  # the run continued, bit for bit
@@ -78,3 +81,103 @@ def test_a_lock_left_by_a_killed_process_does_not_block(smoke_cfg: Config) -> No
     holder.wait()
     smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")  # the OS released the lock
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 2
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every regular file under a folder (but the lock) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+
+
+def smoke_args(out_dir: Path, name: str, *more: str) -> list[str]:
+    return ["train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}", "--set", f"out_dir={out_dir}",
+            "--set", f"name={name}", "--set", "train.steps=2", "--set", "train.sample_every=0", *more]
+
+
+@pytest.mark.slow
+def test_overwrite_refuses_a_folder_holding_files_the_tool_did_not_write(smoke_cfg: Config, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    (run / "samples").mkdir(exist_ok=True)
+    (run / "samples" / "mine.txt").write_text("m\n")
+    (run / "checkpoints" / "other.ckpt").write_text("o\n")
+    before = tree(run)
+    code, _, err = run_cli(capsys, *smoke_args(smoke_cfg.out_dir, "smoke", "--overwrite"))
+    one_line_error(code, err, "holds 2 file(s) ddpm-mnist did not write (checkpoints/other.ckpt, samples/mine.txt)")
+    assert tree(run) == before
+
+
+def test_overwrite_never_guesses_which_files_of_a_folder_without_a_manifest_are_its_own(tmp_path: Path,
+                                                                                         capsys) -> None:
+    """A user's experiment folder: their commented config and a photo named like a sample grid."""
+    exp = tmp_path / "exp1"
+    (exp / "samples").mkdir(parents=True)
+    (exp / "config.yaml").write_text("# my notes\n" + SMOKE.read_text())
+    (exp / "samples" / "holiday_photo.png").write_bytes(b"\x89PNG photo")
+    before = tree(exp)
+    code, _, err = run_cli(capsys, "train", "--config", exp / "config.yaml", "--set", f"data.root={FIXTURE_ROOT}",
+                           "--set", f"out_dir={tmp_path}", "--set", "name=exp1", "--overwrite")
+    one_line_error(code, err, "is the run's own config.yaml, which --overwrite or a --set override would replace")
+    code, _, err = run_cli(capsys, "train", "--config", SMOKE, "--set", f"data.root={FIXTURE_ROOT}",
+                           "--set", f"out_dir={tmp_path}", "--set", "name=exp1", "--overwrite")
+    one_line_error(code, err, "holds files and no .ddpm-manifest")
+    code, _, err = run_cli(capsys, "train", "--config", exp / "config.yaml", "--set", f"data.root={FIXTURE_ROOT}",
+                           "--set", f"out_dir={tmp_path}", "--set", "name=exp1", "--resume")
+    one_line_error(code, err, "is the run's own config.yaml")
+    assert tree(exp) == before
+    (exp / "config.yaml").write_text(f"# my notes\nname: exp1\nout_dir: {tmp_path}\ndata:\n  root: {FIXTURE_ROOT}\n"
+                                     "train:\n  steps: 2\n  sample_every: 0\n")
+    noted = (exp / "config.yaml").read_text()
+    code, _, err = run_cli(capsys, "train", "--config", exp / "config.yaml", "--resume")  # nothing would replace it
+    assert code == 0, err
+    assert (exp / "config.yaml").read_text() == noted and (exp / "samples" / "holiday_photo.png").exists()
+    assert {"config.yaml", "samples/holiday_photo.png"}.isdisjoint(recorded(exp))  # never the tool's to delete
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_manifest_that_is_a_symlink_is_refused_and_its_target_never_written(smoke_cfg: Config, tmp_path: Path,
+                                                                              capsys, overwrite: bool) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("three years of work\n")
+    (run / ".ddpm-manifest").unlink()
+    (run / ".ddpm-manifest").symlink_to(thesis)
+    code, _, err = run_cli(capsys, *smoke_args(smoke_cfg.out_dir, "smoke", "--overwrite" if overwrite else "--resume"))
+    one_line_error(code, err, "cannot use it as ddpm-mnist's record of the files it wrote (a symlink): remove it")
+    assert thesis.read_text() == "three years of work\n"
+    assert (run / "checkpoints" / "latest.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_manifest_that_is_a_pipe_is_refused_instead_of_blocking(smoke_cfg: Config, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    (run / ".ddpm-manifest").unlink()
+    os.mkfifo(run / ".ddpm-manifest")
+    code, _, err = run_cli(capsys, *smoke_args(smoke_cfg.out_dir, "smoke", "--overwrite"))
+    one_line_error(code, err, "not a regular file (a pipe, socket or device)")
+    assert (run / "checkpoints" / "latest.pt").exists()
+
+
+@pytest.mark.slow
+def test_run_folders_never_nest(tmp_path: Path, capsys) -> None:
+    """One run inside another's folder once had its checkpoints recorded, then deleted, by the other."""
+    code, _, err = run_cli(capsys, *smoke_args(tmp_path / "nA", "checkpoints"))  # B: runs/nA/checkpoints
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *smoke_args(tmp_path, "nA"))  # A: runs/nA, around B
+    one_line_error(code, err, f"lies around {tmp_path / 'nA' / 'checkpoints'}, a folder ddpm-mnist writes")
+    code, _, err = run_cli(capsys, *smoke_args(tmp_path / "nA" / "checkpoints" / "deeper", "c"))
+    one_line_error(code, err, f"lies inside {tmp_path / 'nA' / 'checkpoints'}")
+    assert load_checkpoint(tmp_path / "nA" / "checkpoints" / "checkpoints" / "latest.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_symlink_inside_the_run_folder_stops_overwrite_before_anything_is_deleted(smoke_cfg: Config,
+                                                                                    tmp_path: Path, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "linked").symlink_to(elsewhere)
+    before = tree(run)
+    code, _, err = run_cli(capsys, *smoke_args(smoke_cfg.out_dir, "smoke", "--overwrite"))
+    one_line_error(code, err, "did not write (linked)")
+    assert tree(run) == before and elsewhere.is_dir()

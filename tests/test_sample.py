@@ -515,7 +515,7 @@ def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch
     run = Sampling(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager, compiled=True)
     images = torch.cat([batch for _, batch in run.batches(3, 0, 2)])
     assert run.model is model and not run.compiled and images.shape == (3, 1, 28, 28)
-    assert "not compiled (RuntimeError: no C++ compiler)" in capsys.readouterr().out
+    assert "note: sample.compile: auto: not compiled (RuntimeError: no C++ compiler)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value, ok", [("auto", True), ("true", True), ("false", True), ("maybe", False),

@@ -97,6 +97,24 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config, opt
 
 
 @pytest.mark.slow
+def test_resume_applies_the_optimiser_settings_it_is_given_and_says_so(smoke_cfg: Config, capsys) -> None:
+    """The optimiser's saved state once brought the old lr and betas back while the log said the new ones."""
+    sets = ["train.sample_every=0", "train.lr_schedule=constant", "train.warmup_steps=0"]
+    run = smoke_run(smoke_cfg, *sets, "train.steps=4")
+    capsys.readouterr()
+    smoke_run(smoke_cfg, *sets, "train.steps=6", "train.lr=0.0001", "train.adam_beta2=0.9",
+              "train.weight_decay=0.01", resume=True)
+    err = capsys.readouterr().err
+    assert ("note: --resume applies train.lr 0.0001 (the run had 0.001), train.adam_beta2 0.9 (the run had 0.999), "
+            "train.weight_decay 0.01 (the run had 0)") in err
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    decay, no_decay = state["optimizer"]["param_groups"]
+    assert decay["lr"] == no_decay["lr"] == 0.0001 and decay["betas"] == no_decay["betas"] == (0.9, 0.9)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert state["lr_scheduler"]["base_lrs"] == [0.0001, 0.0001]
+
+
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_recipe_options_resumes_as_it_was_trained(smoke_cfg: Config) -> None:
     """A checkpoint (and config.yaml) without model.time_conditioning, model.patch_size,
     train.timestep_sampling and train.adam_beta2 resumes with what they were before they existed."""

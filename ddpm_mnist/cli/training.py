@@ -64,4 +64,4 @@ def train(
 
     cfg = config_from(config, set_)
     run_training(cfg, hooks=training_hooks(cfg), resume=resume, overwrite=overwrite, device_name=device,
-                 change_world_size=change_world_size)
+                 change_world_size=change_world_size, config_file=config)

@@ -56,8 +56,9 @@ class RuntimeConfig:
         "CPU runs always do",
     )
     threads: int = param(
-        0, "CPU threads: 0 = auto (all cores while the machine is otherwise idle, one fewer per core other "
-        "processes keep busy, re-checked as the run goes; OMP_NUM_THREADS, if set, decides); N: exactly N",
+        0, "CPU threads: 0 = auto (training: every core, one count for the whole run and its --resume, so that "
+        "a resume is bit-exact; sampling: one fewer per core other processes keep busy, re-checked as it goes; "
+        "OMP_NUM_THREADS, if set, decides); N: exactly N (at most the cores there are)",
         ge=0, le=4096,
     )
 
