@@ -1,8 +1,9 @@
 """The reverse loop and its noise: from a checkpoint to images, batch by batch.
 
-Reproducibility: image k of a run draws x_T and every z from its own generator, seeded with
-(seed, k). So an image does not depend on the batch size, on how many images are asked for, or
-on the other images in its batch.
+Reproducibility: image k of a run draws x_T and every z from its own generator, seeded from
+(seed, stream, k). So its noise does not depend on the batch size, on how many images are asked
+for, or on the other images in its batch; its pixels do not either, up to float rounding (a CPU
+kernel may sum in another order for another batch shape).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class Sampling:
 
     def batches(self, n: int, seed: int, batch_size: int, *, on_step: StepCallback | None = None,
                 desc: str = "sample") -> Iterator[tuple[int, torch.Tensor]]:
-        """(index of the first image, uint8 (b, 1, 28, 28)) batch by batch; image k depends only on (seed, k).
+        """(index of the first image, uint8 (b, 1, 28, 28)) batch by batch; image k's noise depends only on (seed, k).
 
         `on_step` sees every step of the first batch (for a trajectory)."""
         self.compile_now(min(batch_size, n))

