@@ -81,9 +81,11 @@ class StepBudget:
     taken, plus the rest of the budget at that rate, less the time previews and metrics will take
     (a preview of n images and k steps costs about n * k / (3 * batch) training steps: a training
     step is a forward and a backward). Halfway from there to the end, a second reading over every
-    step since timing began (previews, metrics and checkpoints included, and whatever else slowed
-    the machine) fixes the length once more, and the lr schedule is laid out again over it: an
-    early rate alone misses whatever changes later. The closing line says how close the run came.
+    step since the first fix (previews, metrics and checkpoints included, and whatever else slowed
+    the machine; since timing began where that window is shorter than the first) fixes the length
+    once more, and the lr schedule is laid out again over it: an early rate alone misses whatever
+    changes later, and a machine busy for a moment at the start no longer shortens the run. The
+    closing line says how close the run came.
     """
 
     WARMUP_STEPS = 5
@@ -97,6 +99,7 @@ class StepBudget:
         self.mark_step = first_step + self.WARMUP_STEPS
         self.mark_time = math.nan
         self.rate = math.nan  # steps per second at the latest reading
+        self.fix_step, self.fix_time = 0, math.nan  # where the first fix was read
         self.next_reading = self.mark_step
         self.fixes = 0  # lengths fixed so far: 0, 1 (the first reading), 2 (the correction; no more readings)
         per_step = 0.0  # previews and metrics, in training steps per training step
@@ -129,7 +132,13 @@ class StepBudget:
             self.next_reading = self.mark_step + 2 * (step - self.mark_step)
             if now - self.mark_time < max(self.MEASURE_SECONDS, self.MEASURE_SHARE * self.seconds):
                 return None
-        self.rate = (step - self.mark_step) / (now - self.mark_time)  # steps per second, as measured
+        since_mark = now - self.mark_time
+        if self.fixes == 0:
+            self.fix_step, self.fix_time = step, now
+        if self.fixes == 1 and now - self.fix_time >= min(since_mark / 2, self.fix_time - self.mark_time):
+            self.rate = (step - self.fix_step) / (now - self.fix_time)  # the recent rate, not the start's
+        else:
+            self.rate = (step - self.mark_step) / since_mark  # steps per second, as measured
         remaining = self.seconds - (now - self.started)
         overhead = self.overhead if self.fixes == 0 else 0.0  # the second rate has them in already
         return step + max(0, int(remaining * self.rate / (1 + overhead)))

@@ -131,7 +131,7 @@ class TrainConfig:
     epochs: int = param(0, "epochs to train; needs steps: 0 (0: train by steps)", ge=0, le=10**6)
     time_budget: str = param(
         "", "train for this long instead (90s, 20m, 1.5h; needs steps: 0 and epochs: 0): the steps are fixed "
-        "from the step rate measured over the first steps, and corrected once halfway from the rate until then",
+        "from the step rate measured over the first steps, and corrected once halfway from the rate since then",
         expected="a duration from 1s to 1000h such as 90s, 20m or 1.5h",
     )
     lr: float = param(2e-4, "peak learning rate of AdamW", gt=0, le=1)
