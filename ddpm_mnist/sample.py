@@ -197,7 +197,8 @@ class Sampling:
         """(index of the first image, uint8 (b, 1, 28, 28)) batch by batch; image k's noise depends only on (seed, k).
 
         `on_step` sees every step of the first batch (for a trajectory)."""
-        self.compile_now(min(batch_size, n))
+        batch_size = min(batch_size, n)  # a batch larger than n: one batch of n (compiled for n, filled to n)
+        self.compile_now(batch_size)
         batches = math.ceil(n / batch_size)
         with tqdm(total=self.reverse.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
             for first in range(0, n, batch_size):

@@ -567,3 +567,6 @@ def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> N
     shapes.clear()
     filled = images(True)
     assert set(shapes) == {3} and torch.equal(filled, eager)
+    shapes.clear()  # a batch larger than n: one shape, n, and no images past n
+    run = Sampling(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=True)
+    assert torch.equal(torch.cat([batch for _, batch in run.batches(5, 0, 8)]), eager) and set(shapes) == {5}

@@ -38,7 +38,7 @@ def param(
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # Lin et al. 2023, Table 2; diffusers' timestep_spacing
-GUIDANCE_DEFAULT = 2.0  # chosen by the guidance sweep in the README
+GUIDANCE_DEFAULT = 2.0  # chosen by the guidance sweep in docs/results.md
 IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
 
 
@@ -74,7 +74,8 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The forward-noising beta schedule (names and defaults as in diffusers' DDPMScheduler)."""
+    """The forward-noising beta schedule (defaults as in diffusers' DDPMScheduler; its names, but cosine:
+    diffusers' squaredcos_cap_v2)."""
 
     beta_schedule: str = param(
         "linear", "linear | scaled_linear | cosine | sigmoid", choices=SCHEDULES

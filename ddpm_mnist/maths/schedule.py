@@ -3,9 +3,10 @@
 Timestep convention (stated once, as in diffusers): timesteps are 0-indexed, t = 0 is the first
 noising step and t = T-1 the last, so `alphas_cumprod[t]` is the paper's alpha-bar_{t+1}.
 
-Everything is computed in float64 and stored in float32. The names and formulas follow
-diffusers' `DDPMScheduler` (its schedule names: linear, scaled_linear, squaredcos_cap_v2, sigmoid)
-so that the same settings give the same numbers in both tools.
+Everything is computed in float64 and stored in float32. The formulas follow diffusers'
+`DDPMScheduler`, so that the same settings give the same numbers in both tools; so do the names,
+but one: our `cosine` is diffusers' `squaredcos_cap_v2` (with our `cosine_s` and `max_beta` at
+their defaults, 0.008 and 0.999, which diffusers fixes).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class NoiseSchedule:
     """Per-timestep float32 tensors of shape (T,), each named after its symbol."""
 
     betas: torch.Tensor  # beta_t
-    alphas: torch.Tensor  # alpha_t = 1 - beta_t
+    alphas: torch.Tensor  # alpha_t = 1 - beta_t (the CSV of `ddpm schedule` reads it)
     alphas_cumprod: torch.Tensor  # abar_t = prod_{s<=t} alpha_s
     alphas_cumprod_prev: torch.Tensor  # abar_{t-1}, with abar_{-1} = 1
     sqrt_alphas_cumprod: torch.Tensor  # sqrt(abar_t)
@@ -66,7 +67,7 @@ class NoiseSchedule:
     posterior_mean_coef1: torch.Tensor  # sqrt(abar_{t-1}) beta_t / (1 - abar_t), multiplies x0, Eq. (7)
     posterior_mean_coef2: torch.Tensor  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t), multiplies x_t
     snr: torch.Tensor  # abar_t / (1 - abar_t)
-    sigmas: torch.Tensor  # sqrt((1 - abar_t) / abar_t), the noise level of sigma-space samplers
+    sigmas: torch.Tensor  # sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x0 + sigma_t eps (the sigma view)
 
     @property
     def num_timesteps(self) -> int:
@@ -75,7 +76,8 @@ class NoiseSchedule:
 
     @property
     def init_noise_sigma(self) -> float:
-        """max_t sigma_t, the scale of x_T for sigma-space (k-diffusion style) samplers."""
+        """max_t sigma_t: the scale x_T has in the sigma view (diffusers' `init_noise_sigma` of its
+        sigma-space schedulers; `ddpm schedule` prints it)."""
         return float(self.sigmas.max())
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
