@@ -285,8 +285,8 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
 
 @torch.inference_mode()
 def forward_on_zeros(model: nn.Module, cfg: Config, size: int, runtime: Runtime) -> torch.Tensor:
-    """One forward of the model that draws images 0 .. size-1 on zeros at t = T/2: to time a batch
-    or to compile for its shape."""
+    """One forward of the model that draws images 0 .. size-1 on zeros at t = T/2: to compile for
+    its shape."""
     x = torch.zeros(size, *IMAGE_SHAPE, device=runtime.device)
     t = torch.full((size,), cfg.schedule.num_timesteps // 2, device=runtime.device)
     with autocast(runtime):
@@ -294,28 +294,57 @@ def forward_on_zeros(model: nn.Module, cfg: Config, size: int, runtime: Runtime)
 
 
 BATCH_SIZES = (16, 32, 64, 128, 256)  # what sample.batch_size: 0 chooses from
+PROBE_STEPS = 3  # reverse steps each candidate batch is timed for
+PROBE_TOLERANCE = 0.05  # the smallest batch within this share of the fastest is chosen
+PROBE_ROUNDS_FROM = 100_000  # image-steps from which the candidates take turns for two timed rounds, not one
 
 
 def with_batch_size(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[Config, str]:
-    """The config with sample.batch_size resolved, and what the note line says of it. 0 picks the
-    candidate (at most n) whose forward costs least per image on this machine, timed on zeros: the
-    fastest batch differs from one CPU to the next, and the images do not depend on it."""
+    """The config with sample.batch_size resolved, and what the note line says of it. 0 times the
+    candidates (at most n, and within memory) on the job's own loop (`probe_rates`) and picks the
+    smallest within PROBE_TOLERANCE of the fastest (`pick_batch`): the fastest batch differs from
+    one CPU to the next, and the images do not depend on it."""
     s = cfg.sample
     if s.batch_size:
         return cfg, f"batch {min(s.batch_size, s.n)}"
     available = available_memory_bytes(runtime.device) or 2**62
     sizes = [size for size in BATCH_SIZES if size <= s.n and 4 * sampling_memory_bytes(cfg.model, size, 0) < available]
-    sizes = sizes or [min(s.n, BATCH_SIZES[0])]
-    cost = {}
-    for size in sizes:
-        forward_on_zeros(model, cfg, size, runtime)  # allocations and the kernels' first choice, untimed
-        started = time.perf_counter()
-        forward_on_zeros(model, cfg, size, runtime)
-        forward_on_zeros(model, cfg, size, runtime).sum().item()  # .item(): the queued work is done (CUDA)
-        cost[size] = (time.perf_counter() - started) / (2 * size)
-    fastest = min(cost, key=cost.__getitem__)
-    note = f"batch {fastest} (the fastest of {', '.join(map(str, sizes))} here)"
-    return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=fastest)), note
+    if not sizes:
+        size = min(s.n, BATCH_SIZES[0])
+        return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=size)), f"batch {size}"
+    rounds = 2 if s.n * cfg.reverse_steps >= PROBE_ROUNDS_FROM else 1
+    rates = probe_rates(model, cfg, runtime, sizes, rounds) if len(sizes) > 1 else {sizes[0]: math.nan}
+    chosen = pick_batch(rates)
+    measured = ", ".join(f"{size} {rate:,.0f}" for size, rate in rates.items())
+    note = (f"batch {chosen} (the smallest within {PROBE_TOLERANCE:.0%} of the fastest of {measured} image-steps/s "
+            "timed here)" if len(rates) > 1 else f"batch {chosen}")
+    return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=chosen)), note
+
+
+def pick_batch(rates: dict[int, float]) -> int:
+    """The smallest batch whose rate is within PROBE_TOLERANCE of the fastest: a larger one gains at
+    most that, and costs memory and (compiled) the images past n in its last batch."""
+    best = max(rates.values())
+    return min(size for size, rate in rates.items() if not rate < (1 - PROBE_TOLERANCE) * best)
+
+
+def probe_rates(model: nn.Module, cfg: Config, runtime: Runtime, sizes: list[int], rounds: int) -> dict[int, float]:
+    """Image-steps/s of the job's own loop (its sampler, guidance and noise streams) at each batch
+    size, over PROBE_STEPS steps: an untimed round (allocations, the kernels' first choices), then
+    `rounds` in which the sizes take turns, each keeping its best (a busy moment slows one round)."""
+    probe = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, steps=PROBE_STEPS))
+    sampler, device = sampler_for(probe, runtime.device), runtime.device
+    rates: dict[int, float] = {}
+    for round_ in range(rounds + 1):
+        for size in sizes:
+            started = time.perf_counter()
+            x = generate(for_images(model, cfg, range(size), device), sampler, NoiseSource(cfg.seed, range(size),
+                                                                                          device), runtime)
+            x.sum().item()  # the queued work is done (CUDA)
+            rate = size * PROBE_STEPS / (time.perf_counter() - started)
+            if round_:
+                rates[size] = max(rates.get(size, 0.0), rate)
+    return rates
 
 
 # sample.compile: auto compiles CPU jobs of at least this many image-steps, long enough for the

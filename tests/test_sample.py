@@ -542,7 +542,47 @@ def test_batch_size_0_times_the_candidates_up_to_n(asked: int, n: int, allowed: 
     cfg = load_config(SMOKE, [f"sample.batch_size={asked}", f"sample.n={n}"])
     resolved, note = with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
     assert resolved.sample.batch_size in allowed and note.startswith(f"batch {resolved.sample.batch_size}")
-    assert ("the fastest of" in note) == (asked == 0)
+    assert ("of the fastest of" in note) == (asked == 0 and len(allowed) > 1)
+
+
+@pytest.mark.parametrize("rates, chosen", [
+    ({16: 800, 32: 950, 64: 1000, 128: 1010, 256: 990}, 64),  # 32 is more than 5% slower than 128
+    ({16: 1000, 32: 990, 64: 700}, 16),
+    ({16: 500, 32: 600, 64: 700, 128: 800, 256: 1000}, 256),
+    ({16: 910, 32: 950}, 16),  # 16 is within 5% of 32
+])
+def test_the_smallest_batch_within_five_percent_of_the_fastest_is_chosen(rates: dict, chosen: int) -> None:
+    from ddpm_mnist.sample import pick_batch
+
+    assert pick_batch(rates) == chosen
+
+
+def test_the_batch_probe_times_the_jobs_own_loop_and_keeps_each_sizes_best_round(monkeypatch) -> None:
+    """Fake timings: a size's steps cost `cost[size]` seconds per image-step, and the first timed round
+    of batch 64 is slowed fourfold (a busy moment); the choice follows the best rounds."""
+    import ddpm_mnist.sample as sample
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
+
+    cost = {16: 0.01, 32: 0.009, 64: 0.006, 128: 0.0062, 256: 0.007}  # seconds per image-step
+    clock, calls = [0.0], []
+
+    def fake_generate(model, sampler, noise, runtime, **kwargs):
+        size = len(noise.generators)
+        calls.append((size, sampler.num_steps))
+        slowed = 4.0 if size == 64 and sum(1 for c in calls if c[0] == 64) == 2 else 1.0
+        clock[0] += cost[size] * size * sampler.num_steps * slowed
+        return torch.zeros(size, 1, 28, 28)
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(sample.time, "perf_counter", lambda: clock[0])
+    cfg = load_config(SMOKE, ["sample.batch_size=0", "sample.n=1000", "sample.steps=200", "sample.sampler=ddim"])
+    resolved, note = sample.with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
+    sizes = [16, 32, 64, 128, 256]
+    assert calls == [(size, sample.PROBE_STEPS) for size in sizes] * 3  # an untimed round, then two in turn
+    assert resolved.sample.batch_size == 64  # its slowed round is not its best
+    rates = ", ".join(f"{size} {1 / cost[size]:,.0f}" for size in sizes)  # image-steps/s: PROBE_STEPS / cost
+    assert note == f"batch 64 (the smallest within 5% of the fastest of {rates} image-steps/s timed here)"
 
 
 def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> None:

@@ -17,7 +17,8 @@ def sample(
     steps: int = typer.Option(None, "--steps", help="Reverse steps (default: sample.steps; 0 = the full loop of T)."),
     seed: int = typer.Option(None, "--seed", help="Seed (default: the run's seed)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass; does not change the images "
-                                   "(default: sample.batch_size; 0 = the fastest here, timed at start)."),
+                                   "(default: sample.batch_size; 0 = the smallest within 5% of the fastest here, "
+                                   "timed at start)."),
     sampler: str = typer.Option(
         None, "--sampler", help="ancestral (Ho et al.), ddim, or dpmpp_2m (give --steps, e.g. 20) (default: ancestral)."
     ),
@@ -60,7 +61,7 @@ def eval_(
     sampler: str = typer.Option(None, "--sampler", help="ancestral, ddim or dpmpp_2m (default: ancestral)."),
     seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor (default: the run's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass (default: sample.batch_size; "
-                                   "0 = the fastest here)."),
+                                   "0 = the smallest within 5% of the fastest here, timed at start)."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ (default: data.root of the run)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON."),

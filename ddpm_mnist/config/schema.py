@@ -202,8 +202,8 @@ class SampleConfig:
     clip_sample: bool = param(True, "clip the predicted x0 to [-clip_sample_range, clip_sample_range]")
     clip_sample_range: float = param(1.0, "clip bound for the predicted x0 (images lie in [-1, 1])", gt=0, le=1000)
     batch_size: int = param(
-        0, "images per forward pass (does not change the images); 0: the fastest of 16, 32, 64, 128 and 256 "
-        "(at most n), timed on this machine at start", ge=0, le=65536,
+        0, "images per forward pass (does not change the images); 0: of 16, 32, 64, 128 and 256 (at most n), "
+        "the smallest within 5% of the fastest, timed on this machine at start", ge=0, le=65536,
     )
     use_ema: bool = param(True, "sample with the EMA weights")
     compile: bool | str = param(
