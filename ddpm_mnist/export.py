@@ -30,6 +30,7 @@ from ddpm_mnist.paths import (
     check_suffix,
     enclosing_output_folder,
     ensure_writable,
+    folder_entries,
     recorded,
     resolved,
     start_manifest,
@@ -88,21 +89,12 @@ def check_replaceable(out: Path, fmt: str, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"--out {out} exists and is not empty: add --overwrite to replace an earlier export, or "
                         "give another path")
-    foreign = sorted(name for name in entries(out) if name not in recorded(out))
+    files, others = folder_entries(out)
+    foreign = sorted(others | {name for name in files if name not in recorded(out)})
     if foreign or not os.path.lexists(out / MANIFEST):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(f"--out {out} holds files ddpm export did not write ({shown or 'no ' + MANIFEST}): "
                         "--overwrite replaces only an earlier export; move them away or give another path")
-
-
-def entries(folder: Path) -> set[str]:
-    """Every entry under a folder but its manifest, relative to it; symlinks are not followed."""
-    found = set()
-    for where, dirs, names in os.walk(folder):
-        base = Path(where).relative_to(folder)
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(where, d))]:
-            found.add((base / name).as_posix())
-    return found - {MANIFEST}
 
 
 def write_whole_folder(out: Path, write: Callable[[Path], list[Path]]) -> list[Path]:

@@ -221,6 +221,20 @@ def enclosing_output_folder(folder: Path) -> Path | None:
     return None
 
 
+def folder_entries(folder: Path) -> tuple[set[str], set[str]]:
+    """(regular files, everything else: symlinks, pipes, sockets, devices) under a folder, relative
+    to it, but its own manifest; symlinks are listed, never followed."""
+    files, others = set(), set()
+    for where, dirs, names in os.walk(folder):
+        base = Path(where).relative_to(folder)
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(where, d))]:
+            relative = (base / name).as_posix()
+            if relative != MANIFEST:
+                mode = os.lstat(os.path.join(where, name)).st_mode
+                (files if stat.S_ISREG(mode) else others).add(relative)
+    return files, others
+
+
 def nested_output_folders(folder: Path) -> list[Path]:
     """The folders below `folder` that hold a manifest of their own (symlinks not followed)."""
     found = []

@@ -20,7 +20,6 @@ import errno
 import fcntl
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from ddpm_mnist.paths import (
     check_manifest,
     check_paths,
     enclosing_output_folder,
+    folder_entries,
     nested_output_folders,
     record_written,
     recorded,
@@ -234,18 +234,9 @@ class RunFolder:
             raise RunError(f"cannot write the run folder {self.path}: {exc.strerror or exc}") from None
 
     def _entries(self) -> tuple[set[str], set[str]]:
-        """(regular files, everything else: symlinks, pipes, sockets, devices) under the folder, relative
-        to it, but its own lock and manifest; symlinks are never followed."""
-        files, others = set(), set()
-        for where, dirs, names in os.walk(self.path):
-            base = Path(where).relative_to(self.path)
-            for name in names + [d for d in dirs if os.path.islink(os.path.join(where, d))]:
-                relative = (base / name).as_posix()
-                if relative in (LOCK, MANIFEST):
-                    continue
-                mode = os.lstat(os.path.join(where, name)).st_mode
-                (files if stat.S_ISREG(mode) else others).add(relative)
-        return files, others
+        """`paths.folder_entries` of the folder, but its lock."""
+        files, others = folder_entries(self.path)
+        return files - {LOCK}, others - {LOCK}
 
     def _remove_outputs(self) -> None:
         """Delete what the manifest lists (and temporary files a killed writer left), once nothing else is there."""
