@@ -30,7 +30,6 @@ from ddpm_mnist.errors import CheckpointError, RunError, UserError, note
 from ddpm_mnist.paths import (
     MANIFEST,
     check_manifest,
-    check_paths,
     enclosing_output_folder,
     folder_entries,
     nested_output_folders,
@@ -207,16 +206,17 @@ class RunFolder:
         the run rewrites as ever; or a user's file, only where nothing would replace it, a run whose
         resolved config is the file's (left as it is then, comments and all)."""
         try:
-            check_paths({"the run's config.yaml": self.path / "config.yaml"}, inputs={"--config": config_file})
-        except UserError:
-            if "config.yaml" in recorded(self.path):
-                return
-            if overwrite or load_config(config_file) != cfg:
-                raise RunError(
-                    f"--config {config_file} is the run's own config.yaml, which --overwrite or a --set override "
-                    "would replace: copy it out of the run folder and give the copy"
-                ) from None
-            self.config_is_input = True
+            same = os.path.samefile(self.path / "config.yaml", config_file)  # by inode: hard links too
+        except OSError:  # no config.yaml in the folder yet
+            same = False
+        if not same or "config.yaml" in recorded(self.path):
+            return
+        if overwrite or load_config(config_file) != cfg:
+            raise RunError(
+                f"--config {config_file} is the run's own config.yaml, which --overwrite or a --set override "
+                "would replace: copy it out of the run folder and give the copy"
+            )
+        self.config_is_input = True
 
     def _keep_manifest(self) -> None:
         """Start the manifest of a new folder, or adopt the tool's own files in a folder written before
