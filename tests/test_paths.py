@@ -1,8 +1,8 @@
-"""paths and runfolder: an output never destroys an input or a file the tool did not write.
+"""paths: an output never destroys an input, and every file is written whole.
 
 Inputs must be regular files; outputs are compared with every input and with each other (by name
-and inode) before any work; `--overwrite` deletes only what the run folder's manifest lists; a
-numbered checkpoint is exactly `step_<9 digits>.pt`.
+and inode) before any work; temporary names are a writer's own. What `--overwrite` may delete in
+a run folder is tested in test_runfolder.py.
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT, SMOKE, run_cli
-from helpers import digest, one_line_error, smoke_run
+from helpers import digest, one_line_error
 
-from ddpm_mnist.checkpoint import load_checkpoint, numbered_checkpoints
-from ddpm_mnist.config import Config
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.paths import MANIFEST, atomic_file, check_paths, ensure_writable, recorded, temporary_name
+from ddpm_mnist.paths import atomic_file, check_paths, ensure_writable, temporary_name
 
 
 def latest(run: Path) -> Path:
@@ -103,40 +100,6 @@ def test_inputs_that_are_not_regular_files_are_refused_instead_of_blocking(tmp_p
     huge.write_text("# " + "x" * (2 << 20) + "\n")
     code, _, err = run_cli(capsys, "config", "--config", huge)
     one_line_error(code, err, "a config is at most 1,048,576")
-
-
-@pytest.mark.slow
-def test_overwrite_deletes_exactly_what_the_manifest_lists(smoke_cfg: Config, tmp_path: Path, capsys) -> None:
-    run = smoke_run(smoke_cfg, "train.steps=10")
-    ours = recorded(run)
-    assert {"config.yaml", "checkpoints/latest.pt", "checkpoints/step_000000010.pt",
-            "samples/step_000000010.png"} <= ours and any(name.startswith("events.out") for name in ours)
-    code, _, err = run_cli(capsys, "sample", "--ckpt", latest(run), "--n", "2", "--steps", "2")
-    assert code == 0, err  # its default grid goes to <run>/samples/ and is recorded too
-    smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
-    assert load_checkpoint(latest(run))["step"] == 4
-    assert not (run / "checkpoints" / "step_000000010.pt").exists() and not list((run / "samples").glob("ancestral*"))
-    (run / "samples" / "notes.txt").write_text("mine\n")  # now a file of the user's
-    with pytest.raises(UserError, match=r"did not write \(samples/notes.txt\)"):
-        smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
-    assert (run / "samples" / "notes.txt").exists() and (run / MANIFEST).exists()
-
-
-@pytest.mark.slow
-def test_a_users_step_best_checkpoint_is_never_taken_for_the_newest(smoke_cfg: Config, capsys) -> None:
-    run = smoke_run(smoke_cfg, "train.steps=10", "train.checkpoint_every=5", "train.sample_every=0",
-                    "train.keep_checkpoints=2")
-    checkpoints = run / "checkpoints"
-    shutil.copyfile(checkpoints / "step_000000005.pt", checkpoints / "step_best.pt")
-    assert [p.name for p in numbered_checkpoints(checkpoints)] == ["step_000000010.pt", "step_000000005.pt"]
-    (checkpoints / "latest.pt").unlink()
-    smoke_run(smoke_cfg, "train.steps=15", "train.checkpoint_every=5", "train.sample_every=0",
-              "train.keep_checkpoints=2", resume=True)
-    assert "resuming from step_000000010.pt" in capsys.readouterr().err
-    # rotation kept the two newest real checkpoints and left the user's file alone
-    assert sorted(p.name for p in checkpoints.glob("step_*.pt")) == ["step_000000010.pt", "step_000000015.pt",
-                                                                    "step_best.pt"]
-    assert torch.load(checkpoints / "step_best.pt", weights_only=True)["step"] == 5
 
 
 def test_temporary_files_have_names_no_other_writer_picks(tmp_path: Path) -> None:

@@ -15,10 +15,10 @@ import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import digest, one_line_error, smoke_run, train_args, weights
 
-from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.checkpoint import load_checkpoint, numbered_checkpoints
 from ddpm_mnist.config import Config
-from ddpm_mnist.errors import RunError
-from ddpm_mnist.paths import recorded
+from ddpm_mnist.errors import RunError, UserError
+from ddpm_mnist.paths import MANIFEST, recorded
 from ddpm_mnist.runfolder import RunFolder
 
 
@@ -81,6 +81,10 @@ def test_a_lock_left_by_a_killed_process_does_not_block(smoke_cfg: Config) -> No
     holder.wait()
     smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")  # the OS released the lock
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 2
+
+
+def latest(run: Path) -> Path:
+    return run / "checkpoints" / "latest.pt"
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -181,3 +185,37 @@ def test_a_symlink_inside_the_run_folder_stops_overwrite_before_anything_is_dele
     code, _, err = run_cli(capsys, *smoke_args(smoke_cfg.out_dir, "smoke", "--overwrite"))
     one_line_error(code, err, "did not write (linked)")
     assert tree(run) == before and elsewhere.is_dir()
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_exactly_what_the_manifest_lists(smoke_cfg: Config, tmp_path: Path, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=10")
+    ours = recorded(run)
+    assert {"config.yaml", "checkpoints/latest.pt", "checkpoints/step_000000010.pt",
+            "samples/step_000000010.png"} <= ours and any(name.startswith("events.out") for name in ours)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", latest(run), "--n", "2", "--steps", "2")
+    assert code == 0, err  # its default grid goes to <run>/samples/ and is recorded too
+    smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
+    assert load_checkpoint(latest(run))["step"] == 4
+    assert not (run / "checkpoints" / "step_000000010.pt").exists() and not list((run / "samples").glob("ancestral*"))
+    (run / "samples" / "notes.txt").write_text("mine\n")  # now a file of the user's
+    with pytest.raises(UserError, match=r"did not write \(samples/notes.txt\)"):
+        smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
+    assert (run / "samples" / "notes.txt").exists() and (run / MANIFEST).exists()
+
+
+@pytest.mark.slow
+def test_a_users_step_best_checkpoint_is_never_taken_for_the_newest(smoke_cfg: Config, capsys) -> None:
+    run = smoke_run(smoke_cfg, "train.steps=10", "train.checkpoint_every=5", "train.sample_every=0",
+                    "train.keep_checkpoints=2")
+    checkpoints = run / "checkpoints"
+    shutil.copyfile(checkpoints / "step_000000005.pt", checkpoints / "step_best.pt")
+    assert [p.name for p in numbered_checkpoints(checkpoints)] == ["step_000000010.pt", "step_000000005.pt"]
+    (checkpoints / "latest.pt").unlink()
+    smoke_run(smoke_cfg, "train.steps=15", "train.checkpoint_every=5", "train.sample_every=0",
+              "train.keep_checkpoints=2", resume=True)
+    assert "resuming from step_000000010.pt" in capsys.readouterr().err
+    # rotation kept the two newest real checkpoints and left the user's file alone
+    assert sorted(p.name for p in checkpoints.glob("step_*.pt")) == ["step_000000010.pt", "step_000000015.pt",
+                                                                    "step_best.pt"]
+    assert torch.load(checkpoints / "step_best.pt", weights_only=True)["step"] == 5
