@@ -125,7 +125,7 @@ def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Resume | 
         check_resume_world_size(resume_from.world_size, ddp, cfg.train.batch_size, len(batches.images),
                                 change_world_size)
         resume_from.restore(state, ddp.rank, ddp.world_size)
-        changed = apply_optimizer_settings(state, cfg.train, resume_from.config().train)
+        changed = apply_optimizer_settings(state, cfg.train, resume_from.config.train)
         if changed and ddp.is_main:
             note(f"--resume applies {', '.join(changed)}")
     return cfg, batches, schedule, total, state
@@ -159,7 +159,7 @@ def length_from_checkpoint(cfg: Config, resume_from: Resume | None, say: bool) -
     trained by steps or epochs cannot take a budget on resume."""
     if not cfg.train.time_budget or resume_from is None:
         return cfg
-    stored = resume_from.config()
+    stored = resume_from.config
     if not stored.train.steps:
         return cfg  # stopped before its budget fixed the length: the budget measures anew
     fixed_by = resume_from.time_budget  # None: a checkpoint from before budgets were recorded

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -63,8 +64,9 @@ class Resume:
     def read(cls, path: str | Path) -> Resume:
         return cls(Path(path), ckpt.load_checkpoint(path))
 
+    @functools.cached_property
     def config(self) -> Config:
-        """The config it was trained with."""
+        """The config it was trained with (parsed once: the frozen keys, the length and the optimiser read it)."""
         return ckpt.checkpoint_config(self.contents, self.path)
 
     @property
@@ -159,7 +161,7 @@ class RunFolder:
             return None
         found = self.resume_checkpoint()
         if found is not None:
-            check_frozen_keys(cfg, found.config(), self.path)
+            check_frozen_keys(cfg, found.config, self.path)
         return found
 
     def resume_checkpoint(self) -> Resume | None:

@@ -36,8 +36,7 @@ def run_bench(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_bench_reports_training_sampling_and_memory(tmp_path: Path) -> None:
-    """One round of everything: the work is bounded (about a minute and a half on a 2-core CPU), and the
-    time allowed is the slowest machine's."""
+    """One round of everything: the work is bounded, and the time allowed is the slowest machine's."""
     report_path = tmp_path / "bench.json"
     done = run_bench(["--json", str(report_path), "--rounds", "1", "--compare", "--options", "--no-compile",
                       "--option-steps", "2", "--busy", "--busy-seconds", "1", "--set", f"out_dir={tmp_path / 'runs'}"],
@@ -125,7 +124,7 @@ def running(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
 def test_a_killed_bench_takes_the_processes_it_started_with_it(tmp_path: Path) -> None:
-    """SIGKILL runs no `finally`: the busy core's competitor once ran on for 50 minutes after its bench."""
+    """SIGKILL runs no `finally`: the busy core's competitor once outlived its bench and slowed all that followed."""
     bench = subprocess.Popen([*BENCH, "--rounds", "1", "--busy", "--busy-seconds", "15"], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

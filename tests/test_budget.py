@@ -77,8 +77,8 @@ def test_reading_fixes_the_length_from_the_measured_rate(monkeypatch) -> None:
 
 @pytest.mark.parametrize("busy_until", [101.0, 109.0, 117.0])
 def test_a_machine_busy_for_a_moment_at_the_start_does_not_shorten_the_run(monkeypatch, busy_until: float) -> None:
-    """Half speed until `busy_until`, then 5 steps/s: the run ends within 1% of its 100 s (the rate
-    since timing began once ended `make demo` 11.8% early)."""
+    """Half speed until `busy_until`, then 5 steps/s: the run ends within 1% of its 100 s (a correction
+    from the rate since timing began ends it early)."""
     def time_at(step: int) -> float:  # 5 untimed steps in the first second, then the machine's pace
         busy_steps = 2.5 * (busy_until - 101.0)
         if step - 5 <= busy_steps:

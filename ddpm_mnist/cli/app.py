@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from ddpm_mnist.config import Config, apply_overrides, load_config
-from ddpm_mnist.errors import Stopped, Terminated, UserError
+from ddpm_mnist.errors import Stopped, Terminated, UserError, note
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -37,8 +37,8 @@ def config_from(path: Path | None, overrides: list[str] | None) -> Config:
         cfg = apply_overrides(Config(), overrides or [], "defaults", notes=notes)
     else:
         cfg = load_config(path, overrides or [], notes=notes)
-    for note in notes:
-        typer.echo(f"note: {note}", err=True)  # stderr: `ddpm config > file.yaml` stays YAML
+    for line in notes:
+        note(line)  # stderr: `ddpm config > file.yaml` stays YAML
     return cfg
 
 
