@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ddpm_mnist.config import Config, ModelConfig, ScheduleConfig, config_from_dict, to_dict
+from ddpm_mnist.config import VARIANCE_TYPES, Config, ModelConfig, ScheduleConfig, config_from_dict, to_dict
 from ddpm_mnist.errors import CheckpointError, UserError
 from ddpm_mnist.maths.schedule import make_betas
 from ddpm_mnist.maths.unet import UNet
@@ -111,9 +111,12 @@ def scheduler_config(cfg: Config, betas: torch.Tensor) -> dict[str, Any]:
         "num_train_timesteps": schedule.num_timesteps, "beta_start": schedule.beta_start,
         "beta_end": schedule.beta_end, "beta_schedule": SCHEDULE_NAMES[schedule.beta_schedule],
         "trained_betas": None if named else betas.double().tolist(),
-        "variance_type": sample.variance_type, "clip_sample": sample.clip_sample,
-        "clip_sample_range": sample.clip_sample_range, "prediction_type": PREDICTIONS[cfg.model.prediction_type],
-        "thresholding": False, "timestep_spacing": sample.timestep_spacing, "steps_offset": 0,
+        # fixed_large_log is fixed_large's variance; diffusers' own takes the square root of its log (NaN)
+        "variance_type": sample.variance_type.replace("fixed_large_log", "fixed_large"),
+        "clip_sample": sample.clip_sample, "clip_sample_range": sample.clip_sample_range,
+        "prediction_type": PREDICTIONS[cfg.model.prediction_type], "thresholding": sample.thresholding,
+        "dynamic_thresholding_ratio": sample.dynamic_thresholding_ratio, "sample_max_value": sample.sample_max_value,
+        "timestep_spacing": sample.timestep_spacing, "steps_offset": 0,
         "rescale_betas_zero_snr": schedule.rescale_zero_terminal_snr,
     }
 
@@ -390,11 +393,11 @@ def schedule_from_scheduler(scheduler: dict[str, Any], where: Path) -> tuple[dic
     predictions = {value: key for key, value in PREDICTIONS.items()}
     check_value_types(scheduler, where, ("trained_betas",))
     for key, allowed, default in (("beta_schedule", names, "linear"), ("prediction_type", predictions, "epsilon"),
-                                  ("variance_type", ("fixed_small", "fixed_large"), "fixed_small")):
+                                  ("variance_type", VARIANCE_TYPES, "fixed_small")):
         if scheduler.get(key, default) not in allowed:
             raise CheckpointError(f"{where}: {key} is {scheduler[key]!r}; ddpm-mnist has {', '.join(allowed)}")
-    if scheduler.get("thresholding") or scheduler.get("steps_offset", 0):
-        raise CheckpointError(f"{where}: thresholding and steps_offset are not part of ddpm-mnist's sampler")
+    if scheduler.get("steps_offset", 0):
+        raise CheckpointError(f"{where}: steps_offset is not part of ddpm-mnist's sampler")
     defaults = ScheduleConfig()
     schedule = {"beta_schedule": names[scheduler.get("beta_schedule", "linear")],
                 "num_timesteps": scheduler.get("num_train_timesteps", 1000),
@@ -404,8 +407,11 @@ def schedule_from_scheduler(scheduler: dict[str, Any], where: Path) -> tuple[dic
                 "rescale_zero_terminal_snr": scheduler.get("rescale_betas_zero_snr", False)}
     if scheduler.get("trained_betas") is not None:
         schedule |= cosine_from_betas(scheduler["trained_betas"], schedule, where)
-    sample = {key: scheduler[key] for key in ("variance_type", "clip_sample", "clip_sample_range", "timestep_spacing")
+    sample = {key: scheduler[key] for key in ("variance_type", "clip_sample", "clip_sample_range", "timestep_spacing",
+                                              "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
               if key in scheduler}
+    if sample.get("thresholding"):
+        sample["clip_sample"] = False  # diffusers ignores it when it thresholds; ddpm-mnist asks for one of the two
     return schedule, predictions[scheduler.get("prediction_type", "epsilon")], sample
 
 

@@ -113,7 +113,8 @@ def strip_path(trajectory: Path) -> Path:
 class TrajectoryRecorder:
     """Keeps x_t and x0_hat of the first `count` images at the steps shown in the GIF and strip.
 
-    `reverse` is the `samplers.Sampler` being run (its `timesteps` and `predict_x0`).
+    `reverse` is the `samplers.Sampler` being run (its `timesteps`, `model_input` and `predict_x0`).
+    x_t is what the model sees, so a sampler in the sigma view shows x / sqrt(sigma^2 + 1): image range.
     """
 
     def __init__(self, reverse: Any, count: int) -> None:
@@ -125,11 +126,11 @@ class TrajectoryRecorder:
         self.x_t: dict[int, torch.Tensor] = {}
         self.x0_hat: dict[int, torch.Tensor] = {}
 
-    def on_step(self, i: int, t: torch.Tensor, x_t: torch.Tensor, output: torch.Tensor) -> None:
-        """Record step i (a `generate` callback)."""
+    def on_step(self, i: int, t: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Record step i (a `generate` callback; x is the sampler's variable)."""
         if i in self.frame_steps or i in self.strip_steps:
-            x, out = x_t[: self.count], output[: self.count]
-            self.x_t[i] = x.cpu()
+            x, out = x[: self.count], output[: self.count]
+            self.x_t[i] = self.reverse.model_input(i, x).cpu()
             self.x0_hat[i] = self.reverse.predict_x0(i, out, x).cpu()
 
     def save(self, final: torch.Tensor, path: Path) -> list[Path]:
@@ -155,7 +156,7 @@ class TrajectoryRecorder:
     def _save_strip(self, path: Path) -> None:
         from ddpm_mnist.plots import save_figure, trajectory_figure
 
-        timesteps = [int(self.reverse.timesteps[i]) for i in self.strip_steps]
+        timesteps = [round(float(self.reverse.timesteps[i])) for i in self.strip_steps]
         x_t = [self.x_t[i] for i in self.strip_steps]
         x0_hat = [self.x0_hat[i] for i in self.strip_steps]
         save_figure(trajectory_figure(timesteps, x_t, x0_hat, rows=min(self.count, 4)), path, dpi=100)

@@ -17,8 +17,11 @@ from ddpm_mnist.maths.schedule import NoiseSchedule  # noqa: E402
 from ddpm_mnist.paths import atomic_file  # noqa: E402
 
 
-def schedule_figure(schedules: dict[str, NoiseSchedule]) -> Figure:
-    """Three panels, beta_t, alpha-bar_t and sigma_t against t, one line per labelled schedule."""
+def schedule_figure(schedules: dict[str, NoiseSchedule],
+                    visits: dict[str, tuple[list[tuple[float, float]], float]] | None = None) -> Figure:
+    """Three panels, beta_t, alpha-bar_t and sigma_t against t, one line per labelled schedule. The
+    sigma panel marks init_noise_sigma (max sigma_t); `visits` adds, per label, the (t, sigma) of each
+    model call of its sampler and the scale x_T starts at."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     panels = [
         ("betas", r"$\beta_t$", "log"),
@@ -32,7 +35,17 @@ def schedule_figure(schedules: dict[str, NoiseSchedule]) -> Figure:
         ax.set_xlabel("t (0-indexed)")
         ax.set_yscale(yscale)
         ax.grid(True, alpha=0.3)
+    for label, schedule in schedules.items():
+        top = schedule.init_noise_sigma
+        axes[2].axhline(top, color="gray", linestyle=":", linewidth=1)
+        axes[2].annotate(f"init_noise_sigma {top:.4g}", (0, top), fontsize=7, va="bottom")
+        if visits and label in visits:
+            pairs, start = visits[label]
+            axes[2].plot([t for t, _ in pairs], [sigma for _, sigma in pairs], "o", markersize=3,
+                         label=f"{label}: {len(pairs)} model calls, x_T = {start:.4g} z")
     axes[0].legend(fontsize=8)
+    if visits:
+        axes[2].legend(fontsize=7)
     return fig
 
 

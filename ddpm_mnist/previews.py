@@ -42,7 +42,7 @@ class EMASamples:
         device = runtime.device
         if self._reverse is None:  # the preview sampler (DDIM: eta 0) with the sample section's clipping
             sample = dataclasses.replace(self.cfg.sample, sampler=self.cfg.preview_sampler,
-                                         steps=self.cfg.preview_steps, eta=0.0)
+                                         steps=self.cfg.preview_steps, eta=0.0, sigma_schedule="spaced")
             self._reverse = sampler_for(dataclasses.replace(self.cfg, sample=sample), device)
         noise = NoiseSource(derive_seed(self.cfg.seed, stream), range(n), device, stream)
         model = for_images(model, self.cfg, range(n), device)  # a conditional model: digit k mod 10, sample.guidance

@@ -32,10 +32,11 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the reverse process, the body of every loop: the model's output at (x_t, t_i),
-    then the sampler's x at step i + 1. Returns (x_next, model_output)."""
+    """One step of the reverse process, the body of every loop: the model's output at its input
+    (x_t; x / sqrt(sigma^2 + 1) in the sigma view) and t_i, then the sampler's x at step i + 1.
+    Returns (x_next, model_output)."""
     t = sampler.timesteps[i].expand(x.shape[0])  # (B,): i may be a device tensor (graph replay)
-    output = model(x, t).float()
+    output = model(sampler.model_input(i, x), t).float()
     return sampler.step(i, output, x, z), output  # float32: autocast leaves elementwise ops alone
 
 
@@ -52,12 +53,15 @@ def generate(
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 for one batch: float32 (B, 1, 28, 28) in [-1, 1].
 
-    The one loop over the steps. `on_step(i, t, x_t, model_output)` sees each step (for
+    The one loop over the steps: x_T = init_noise_sigma * z, then each step's model call and
+    sampler step (`reverse_step`). `on_step(i, t, x, model_output)` sees each step (for
     trajectories); `progress(1)` follows each (a tqdm bar's update). `static=True` runs the steps
     on fixed buffers (`FixedBuffers`), which on CUDA replays one captured CUDA graph per step; the
-    images are the same as without it, up to float rounding. A result that is not finite (a model
-    with overflowing outputs) is a UserError, not black images."""
-    x = noise.initial()
+    images are the same as without it, up to float rounding. A result that is not finite is a
+    UserError (`finite`)."""
+    x = noise.initial()  # z ~ N(0, I)
+    if sampler.init_noise_sigma != 1:
+        x = x * sampler.init_noise_sigma  # x_T in the sigma view
     sampler.start(x)
     fixed = FixedBuffers(model, sampler, x, runtime) if static and on_step is None else None
     # eager: one autocast context for the whole loop, so the weights are cast to bf16 once
@@ -74,12 +78,17 @@ def generate(
             if progress is not None:
                 progress(1)
             runtime.share_cpu()
+    return finite(x).clamp(-1, 1)
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """x, if every value is finite; else a UserError (a model with overflowing outputs), not black images."""
     if not bool(torch.isfinite(x).all()):
         raise UserError(
             f"sampling produced NaN or infinite values in {int((~torch.isfinite(x)).flatten(1).any(1).sum())} of "
             f"{len(x)} images: the model's output overflowed (try runtime.mixed_precision: fp32)"
         )
-    return x.clamp(-1, 1)
+    return x
 
 
 class Guided(nn.Module):
@@ -277,7 +286,10 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     model = model.to(runtime.device)
     cfg, batch = with_batch_size(model, cfg, runtime)
     model, eager, compiled = compiled_for(model, cfg, runtime)
-    note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}, seed {cfg.seed}, {weights}, "
+    calls = f" ({reverse.num_steps} model calls)" if reverse.num_steps != cfg.reverse_steps else ""
+    spacing += ", Karras sigmas" if s.sigma_schedule == "karras" else ""
+    spacing += f", from {reverse.init_noise_sigma:.4g} z" if reverse.init_noise_sigma != 1 else ""
+    note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}{calls}, seed {cfg.seed}, {weights}, "
             f"{runtime.device}, {runtime.precision_note}, {batch}" + (", CUDA graph" if static else "") + compiled
             + conditioning(cfg))
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager, bool(compiled))
@@ -341,7 +353,7 @@ def probe_rates(model: nn.Module, cfg: Config, runtime: Runtime, sizes: list[int
             x = generate(for_images(model, cfg, range(size), device), sampler, NoiseSource(cfg.seed, range(size),
                                                                                           device), runtime)
             x.sum().item()  # the queued work is done (CUDA)
-            rate = size * PROBE_STEPS / (time.perf_counter() - started)
+            rate = size * sampler.num_steps / (time.perf_counter() - started)
             if round_:
                 rates[size] = max(rates.get(size, 0.0), rate)
     return rates
@@ -388,7 +400,8 @@ def sampling_config(state: dict[str, Any], ckpt_path: Path, request: SampleReque
         if given.get(key) and not stored.model.num_classes:
             raise UserError(f"{given[key]}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
                             "digits and guidance need one trained with model.num_classes: 10")
-    cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS)
+    cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS,
+                          check=False)  # --sampler euler --set sample.sigma_schedule=karras: checked together
     cfg = with_sample_options(cfg, request)
     if given.get("eta") and cfg.sample.sampler != "ddim":
         raise UserError(f"{given['eta']}: eta is DDIM's; the {cfg.sample.sampler} sampler has none "

@@ -121,6 +121,8 @@ def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:
     if cfg.model.num_classes:
         conditioning = f"_w{s.guidance:g}" + (f"_digits{''.join(map(str, s.digits))}" if s.digits else "")
     weights = "" if s.use_ema else "_raw"
+    spacing += "_karras" if s.sigma_schedule == "karras" else ""
+    spacing += "_thresholded" if s.thresholding else ""
     name = f"{s.sampler}{cfg.reverse_steps}{spacing}{conditioning}_seed{cfg.seed}_n{s.n}{weights}.png"
     if ckpt_path.name in ("", ".", ".."):  # `--ckpt .` inside an exported folder: name it by its real name
         ckpt_path = resolved(ckpt_path)

@@ -33,17 +33,41 @@ def describe_schedule(label: str, cfg: Config, schedule: NoiseSchedule) -> str:
     return "\n".join(lines)
 
 
+def visited_sigmas(cfg: Config) -> tuple[str, list[tuple[float, float]], float]:
+    """What the config's sampler visits: (a heading, (timestep, sigma) of each model call, x_T's scale)."""
+    from ddpm_mnist.maths.samplers import sampler_for
+
+    s, sampler = cfg.sample, sampler_for(cfg, "cpu")
+    how = ", Karras sigmas" if s.sigma_schedule == "karras" else ""
+    calls = f", {sampler.num_steps} model calls" if sampler.num_steps != cfg.reverse_steps else ""
+    start = (f"x_T = {sampler.init_noise_sigma:.6g} z (init_noise_sigma: the sigma view, x = x_t / sqrt(abar_t))"
+             if sampler.init_noise_sigma != 1 else "x_T = z (on x_t itself; sigma is that of its alpha-bar)")
+    heading = f"  {s.sampler}, {cfg.reverse_steps} steps ({s.timestep_spacing}{how}{calls}), from {start}"
+    pairs = [(float(t), float(sigma)) for t, sigma in zip(sampler.timesteps.tolist(), sampler.noise_levels.tolist(),
+                                                          strict=True)]
+    return heading, pairs, sampler.init_noise_sigma
+
+
+def describe_visits(cfg: Config) -> str:
+    """The sigmas the config's sampler visits at its sample.steps, a line per model call."""
+    heading, pairs, _ = visited_sigmas(cfg)
+    lines = [heading, f"  {'call':>6} {'t':>10} {'sigma':>12}"]
+    lines += [f"  {i:>6} {t:>10.6g} {sigma:>12.6g}" for i, (t, sigma) in enumerate(pairs)]
+    return "\n".join(lines)
+
+
 def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: Path | None = None,
-                     inputs: list[Path] | None = None) -> str:
-    """Summaries of each config's schedule; writes the CSV (one config) and the plot if asked
-    (neither may be one of the config files `inputs`)."""
+                     inputs: list[Path] | None = None, visits: bool = False) -> str:
+    """Summaries of each config's schedule (`visits`: and the sigmas its sampler visits); writes the
+    CSV (one config) and the plot if asked (neither may be one of the config files `inputs`)."""
     if csv is not None:
         ensure_writable(check_suffix(csv, "--csv", (".csv",)))
     if plot is not None:
         ensure_writable(check_suffix(plot, "--plot", (".png",)))
     check_paths({"--csv": csv, "--plot": plot}, inputs={f"--config {path}": path for path in inputs or []})
     schedules = {label: make_schedule(cfg.schedule) for label, cfg in configs.items()}
-    text = [describe_schedule(label, configs[label], sch) for label, sch in schedules.items()]
+    text = [describe_schedule(label, configs[label], sch) + ("\n" + describe_visits(configs[label]) if visits else "")
+            for label, sch in schedules.items()]
     if csv is not None:
         (schedule,) = schedules.values()
         try:
@@ -55,7 +79,8 @@ def report_schedules(configs: dict[str, Config], csv: Path | None = None, plot: 
         from ddpm_mnist.plots import save_figure, schedule_figure
 
         try:
-            save_figure(schedule_figure(schedules), plot)
+            marks = {label: visited_sigmas(cfg)[1:] for label, cfg in configs.items()} if visits else {}
+            save_figure(schedule_figure(schedules, marks), plot)
         except OSError as exc:
             raise UserError(f"cannot write {plot}: {exc.strerror or exc}") from None
         text.append(f"wrote {plot}")

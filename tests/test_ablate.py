@@ -104,7 +104,7 @@ def test_a_torn_record_reads_as_none_so_the_run_is_done_again(tmp_path: Path) ->
     (["--budget", "3x"], "--budget '3x': give a duration"),
     (["--n", "x"], "argument --n: invalid int value"),
     (["--table", "missing/dir/t.txt"], "--table missing/dir/t.txt: the file name must end in .md"),
-    (["--sampler", "bogus"], "--sampler 'bogus': give one of ancestral, ddim, dpmpp_2m"),
+    (["--sampler", "bogus"], "--sampler 'bogus': give one of ancestral, ddim, dpmpp_2m, euler, "),
 ])
 def test_bad_ablation_arguments_are_one_line_before_any_training(tmp_path: Path, extra: list[str], says: str) -> None:
     done = subprocess.run(

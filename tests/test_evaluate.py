@@ -163,7 +163,9 @@ def test_sweep_compares_settings_from_the_same_seeds(trained_run: Path, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
-    (["--sweep", "euler:20"], "sample.sampler: must be one of ancestral, ddim, dpmpp_2m"),
+    (["--sweep", "bogus:20"], "sample.sampler: must be one of ancestral, ddim, dpmpp_2m, euler, euler_ancestral, "
+                              "heun, lms"),
+    (["--sweep", "heun:1"], "heun takes at least 2 steps"),
     (["--sweep", "ddim:0"], "with steps >= 1"),
     (["--sweep", "ddim:1001"], "sample.steps: must be <= schedule.num_timesteps (1000), got 1001"),
     (["--sweep", "dpmpp_2m:1000"], "dpmpp_2m takes fewer than schedule.num_timesteps (1000) steps"),

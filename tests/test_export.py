@@ -99,6 +99,31 @@ def test_ddpm_pipeline_runs_on_the_folder(runs, tmp_path: Path, capsys) -> None:
     assert len(images) == 2 and images[0].size == (28, 28)
 
 
+def test_diffusers_euler_scheduler_on_the_folder_draws_what_ddpm_sample_euler_draws(runs, tmp_path: Path,
+                                                                                   capsys) -> None:
+    """The loop docs/export.md shows: EulerDiscreteScheduler.from_config on the exported scheduler, started
+    from ddpm sample's x_T, against `ddpm sample --sampler euler` (which clips x0_hat unless told not to;
+    diffusers' Euler never clips)."""
+    from ddpm_mnist.data import to_uint8
+    from ddpm_mnist.maths.samplers import NoiseSource
+
+    export(capsys, runs["epsilon"], tmp_path / "pipe")
+    code, _, err = run_cli(capsys, "sample", "--ckpt", runs["epsilon"], "--sampler", "euler", "--steps", "12",
+                           "--n", "4", "--seed", "3", "--tensor", tmp_path / "ours.pt", "--out", tmp_path / "o.png",
+                           "--set", "sample.clip_sample=false", "--set", "runtime.mixed_precision=fp32")
+    assert code == 0, err
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe", subfolder="unet").eval()
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        diffusers.DDPMScheduler.load_config(tmp_path / "pipe", subfolder="scheduler"))
+    scheduler.set_timesteps(12)
+    x = NoiseSource(3, range(4), torch.device("cpu")).initial() * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+    theirs, ours = to_uint8(x.clamp(-1, 1)), torch.load(tmp_path / "ours.pt")
+    assert (theirs.int() - ours.int()).abs().max() <= 1  # uint8 levels: float rounding may cross one
+
+
 @pytest.mark.parametrize("fmt, kind", [("diffusers", "conditional"), ("safetensors", "conditional"),
                                        ("diffusers", "scale_shift")])
 def test_an_export_read_back_samples_the_same_bytes(runs, tmp_path: Path, capsys, fmt: str, kind: str) -> None:

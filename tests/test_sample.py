@@ -15,6 +15,7 @@ from helpers import digest, one_line_error, step_at
 from PIL import Image
 
 from ddpm_mnist.config import SampleRequest, ScheduleConfig, load_config
+from ddpm_mnist.config.sampler_names import SAMPLER_NAMES
 from ddpm_mnist.images import load_samples
 from ddpm_mnist.maths.diffusion import spaced_timesteps
 from ddpm_mnist.maths.samplers import SAMPLERS, make_sampler
@@ -235,7 +236,7 @@ def test_bad_sample_arguments_give_one_line(trained_run: Path, tmp_path: Path, c
     assert "must end in .pt or .npz" in expect_one_line_error(capsys, ckpt, "--tensor", str(tmp_path / "x.txt"))
     assert "sample.n: must be >= 1" in expect_one_line_error(capsys, ckpt, "--n", "0")
     assert "sample.steps: must be <= schedule.num_timesteps" in expect_one_line_error(capsys, ckpt, "--steps", "5000")
-    assert "sample.sampler: must be one of" in expect_one_line_error(capsys, ckpt, "--sampler", "euler")
+    assert "sample.sampler: must be one of" in expect_one_line_error(capsys, ckpt, "--sampler", "euler_maruyama")
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert "cannot write" in expect_one_line_error(capsys, ckpt, "--out", str(blocked / "g.png"))
@@ -269,7 +270,7 @@ def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tens
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ancestral", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("kind", SAMPLER_NAMES)
 def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
     """On CPU the CUDA-graph path runs its step eagerly on the fixed buffers: same images."""
     eager, static = static_vs_eager(torch.device("cpu"), kind)
@@ -277,7 +278,7 @@ def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA-graph capture itself")
-@pytest.mark.parametrize("kind", ["ancestral", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("kind", SAMPLER_NAMES)
 def test_cuda_graph_replay_gives_the_eager_images(kind: str) -> None:
     eager, graphed = static_vs_eager(torch.device("cuda"), kind)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-4)
@@ -391,13 +392,13 @@ def test_sample_help_shows_each_default(capsys, monkeypatch) -> None:
 
 
 def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
-    from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, max_steps
+    from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, max_steps, min_steps, model_calls
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES
     schedule = make_schedule(ScheduleConfig(num_timesteps=10))
     for name in SAMPLER_NAMES:
-        assert make_sampler(name, schedule, max_steps(name, 10)).num_steps == max_steps(name, 10)
-        with pytest.raises(ValueError, match=f"{name} takes 1 to {max_steps(name, 10)} steps"):
+        assert make_sampler(name, schedule, max_steps(name, 10)).num_steps == model_calls(name, max_steps(name, 10))
+        with pytest.raises(ValueError, match=f"{name} takes {min_steps(name)} to {max_steps(name, 10)} steps"):
             make_sampler(name, schedule, max_steps(name, 10) + 1)
 
 

@@ -9,6 +9,9 @@ import typer
 from ddpm_mnist.config import SampleRequest
 from ddpm_mnist.errors import UserError
 
+SAMPLER_HELP = ("ancestral (Ho et al.), ddim, dpmpp_2m, or in the sigma view euler, euler_ancestral, heun, lms "
+                "(give --steps, e.g. 20) (default: ancestral).")
+
 
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (e.g. runs/cpu/checkpoints/latest.pt), an "
@@ -19,9 +22,7 @@ def sample(
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass; does not change the images "
                                    "(default: sample.batch_size; 0 = the smallest within 5% of the fastest here, "
                                    "timed at start)."),
-    sampler: str = typer.Option(
-        None, "--sampler", help="ancestral (Ho et al.), ddim, or dpmpp_2m (give --steps, e.g. 20) (default: ancestral)."
-    ),
+    sampler: str = typer.Option(None, "--sampler", help=SAMPLER_HELP),
     eta: float = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic (default: 0)."),
     ema: bool = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: runtime.device)."),
@@ -58,7 +59,7 @@ def eval_(
     samples: Path = typer.Option(None, "--samples", help="Measure a .pt or .npz file written by ddpm sample --tensor."),
     n: int = typer.Option(None, "--n", help="Number of images (default: sample.n of the checkpoint)."),
     steps: int = typer.Option(None, "--steps", help="Reverse steps (default: sample.steps; 0 = the full loop of T)."),
-    sampler: str = typer.Option(None, "--sampler", help="ancestral, ddim or dpmpp_2m (default: ancestral)."),
+    sampler: str = typer.Option(None, "--sampler", help=SAMPLER_HELP),
     seed: int = typer.Option(None, "--seed", help="Seed of the samples and of the real floor (default: the run's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass (default: sample.batch_size; "
                                    "0 = the smallest within 5% of the fastest here, timed at start)."),

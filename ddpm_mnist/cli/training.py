@@ -30,11 +30,17 @@ def schedule(
     ),
     csv: Path = typer.Option(None, "--csv", help="Write every timestep (t,beta,alpha_bar,sigma,...) to this CSV."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of beta, alpha-bar and sigma against t."),
+    steps: int = typer.Option(
+        None, "--steps", min=1,
+        help="Also list the sigmas the config's sample.sampler visits in this many steps (--set sample.sampler=euler, "
+        "--set sample.sigma_schedule=karras to choose), and mark them on the plot.",
+    ),
 ) -> None:
     """Summarise a config's noise schedule; optionally write it as CSV and plot it."""
     from ddpm_mnist.schedule_report import report_schedules
 
     configs = {}
+    set_ = [*(set_ or []), *([f"sample.steps={steps}"] if steps else [])]
     for path in config or [None]:
         label = path.stem if path else "defaults"
         if not beta_schedule:
@@ -43,7 +49,8 @@ def schedule(
             configs[f"{label} {name}"] = config_from(path, [*(set_ or []), f"schedule.beta_schedule={name}"])
     if csv is not None and len(configs) > 1:
         raise UserError("--csv writes one schedule: give one --config and at most one --schedule")
-    typer.echo(report_schedules(configs, csv=csv, plot=plot, inputs=[path for path in config or [] if path]))
+    typer.echo(report_schedules(configs, csv=csv, plot=plot, inputs=[path for path in config or [] if path],
+                                visits=steps is not None))
 
 
 def train(

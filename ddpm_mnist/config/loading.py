@@ -188,7 +188,7 @@ def _override_target(key: str, where: str) -> tuple[Any, dict, str, str | None]:
 
 def apply_overrides(
     cfg: Config, overrides: list[str], source: str = "config", *, allowed: tuple[str, ...] | None = None,
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, check: bool = True,
 ) -> Config:
     """Apply `--set key=value` strings (value parsed as YAML, checked like the file) and re-validate.
 
@@ -196,7 +196,8 @@ def apply_overrides(
     keys run once all overrides are in, so `beta_start` and `beta_end` can be moved together.
     `allowed` limits the keys (prefixes such as "sample."): at sample time the trained model's
     keys are not the user's to change. A run length given here (train.steps, train.epochs or
-    train.time_budget) replaces the one the file gives, and `notes` hears of it.
+    train.time_budget) replaces the one the file gives, and `notes` hears of it. `check=False`
+    leaves the checks between keys to the caller (sampling runs them once the flags are in too).
     """
     raw = to_dict(cfg)
     given = set()
@@ -218,7 +219,7 @@ def apply_overrides(
     replaced = _replace_length(raw["train"], given)
     if replaced and notes is not None:
         notes.append(replaced)
-    return config_from_dict(raw, f"{source} with --set")
+    return config_from_dict(raw, f"{source} with --set", check=check)
 
 
 LENGTH_KEYS = {"steps": 0, "epochs": 0, "time_budget": ""}  # a run's length, and each one's "off"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ddpm_mnist.config.sampler_names import max_steps
+from ddpm_mnist.config.sampler_names import KARRAS_SAMPLERS, SIGMA_SAMPLERS, max_steps, min_steps
 from ddpm_mnist.config.schema import IMAGE_SIZE, Config, ModelConfig
 from ddpm_mnist.config.yaml_io import describe_value
 from ddpm_mnist.errors import ConfigError
@@ -16,6 +16,7 @@ def validate(cfg: Config, source: str) -> None:
     _validate_model(cfg.model, source)
     _validate_lengths(cfg, source)
     _validate_digits(cfg, source)
+    _validate_sampler(cfg, source)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
         raise ConfigError(
             f"{source}: name: must be a folder name of letters, digits, '.', '_' or '-', got {describe_value(cfg.name)}"
@@ -103,6 +104,38 @@ def _validate_digits(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: sample.digits: this model is unconditional (model.num_classes: 0); drawing chosen digits "
             "needs a model trained with model.num_classes: 10"
+        )
+
+
+def _validate_sampler(cfg: Config, source: str) -> None:
+    """Settings of the `sample` section that another one rules out."""
+    s = cfg.sample
+    if s.sampler in SIGMA_SAMPLERS and cfg.schedule.rescale_zero_terminal_snr:
+        raise ConfigError(
+            f"{source}: sample.sampler: {s.sampler} starts from x_T = init_noise_sigma * z, and at zero terminal "
+            "SNR (schedule.rescale_zero_terminal_snr) sigma_T is infinite; use ancestral, ddim or dpmpp_2m"
+        )
+    if s.sigma_schedule == "karras" and s.sampler not in KARRAS_SAMPLERS:
+        raise ConfigError(
+            f"{source}: sample.sigma_schedule: karras steps between noise levels that are not the model's "
+            f"timesteps; {s.sampler} needs those (use {', '.join(KARRAS_SAMPLERS)}, or sigma_schedule: spaced)"
+        )
+    if s.thresholding and s.clip_sample:
+        raise ConfigError(
+            f"{source}: sample.thresholding: replaces clip_sample (diffusers ignores clip_sample when it "
+            "thresholds); set sample.clip_sample: false too"
+        )
+    preview = cfg.train.preview_sampler
+    if preview in SIGMA_SAMPLERS and cfg.schedule.rescale_zero_terminal_snr:
+        raise ConfigError(f"{source}: train.preview_sampler: {preview} cannot start at zero terminal SNR "
+                          "(sigma_T is infinite); use ancestral, ddim or dpmpp_2m")
+    if cfg.preview_steps < min_steps(preview):
+        raise ConfigError(f"{source}: train.preview_steps: {preview} takes at least {min_steps(preview)} steps, "
+                          f"got {cfg.preview_steps}")
+    if cfg.reverse_steps < min_steps(s.sampler):
+        raise ConfigError(
+            f"{source}: sample.steps: {s.sampler} takes at least {min_steps(s.sampler)} steps (at 1 step it is "
+            f"Euler's), got {cfg.reverse_steps}"
         )
 
 

@@ -38,6 +38,8 @@ def param(
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # Lin et al. 2023, Table 2; diffusers' timestep_spacing
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log")  # diffusers' fixed ones
+SIGMA_SCHEDULES = ("spaced", "karras")
 GUIDANCE_DEFAULT = 2.0  # chosen by the guidance sweep in docs/results.md
 IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
 
@@ -187,20 +189,37 @@ class SampleConfig:
     n: int = param(64, "number of images", ge=1, le=10**7)
     steps: int = param(0, "reverse steps (0: the full loop, T = schedule.num_timesteps steps)", ge=0)
     sampler: str = param(
-        "ancestral", "ancestral (Ho et al.) | ddim (Song et al.) | dpmpp_2m (DPM-Solver++ 2M, Lu et al.)",
+        "ancestral", "ancestral (Ho et al.) | ddim (Song et al.) | dpmpp_2m (DPM-Solver++ 2M, Lu et al.) | euler | "
+        "euler_ancestral | heun (2 model calls a step) | lms (linear multistep, order 4): the last four in the "
+        "sigma view, from x_T = init_noise_sigma * z, as diffusers' Euler, EulerAncestral, Heun and LMS schedulers",
         choices=SAMPLER_NAMES,
     )
     timestep_spacing: str = param(
         "leading", "timesteps of a run of fewer than T steps: leading | trailing | linspace (diffusers' names)",
         choices=TIMESTEP_SPACINGS,
     )
+    sigma_schedule: str = param(
+        "spaced", "the noise levels of dpmpp_2m and the sigma samplers: spaced (those of the spaced timesteps) | "
+        "karras (Karras et al. 2022, rho = 7, between the same ends; diffusers' use_karras_sigmas)",
+        choices=SIGMA_SCHEDULES,
+    )
     eta: float = param(0.0, "DDIM eta: 0 deterministic, 1 ancestral-like", ge=0, le=1)
     variance_type: str = param(
-        "fixed_small", "fixed_small (beta-tilde) | fixed_large (beta)",
-        choices=("fixed_small", "fixed_large"),
+        "fixed_small", "the ancestral loop's sigma_t^2: fixed_small (beta-tilde) | fixed_large (beta) | "
+        "fixed_small_log | fixed_large_log (the same, computed as exp(log(var) / 2), diffusers' names)",
+        choices=VARIANCE_TYPES,
     )
     clip_sample: bool = param(True, "clip the predicted x0 to [-clip_sample_range, clip_sample_range]")
     clip_sample_range: float = param(1.0, "clip bound for the predicted x0 (images lie in [-1, 1])", gt=0, le=1000)
+    thresholding: bool = param(
+        False, "dynamic thresholding of the predicted x0 (Saharia et al. 2022), in place of clip_sample: "
+        "s = the dynamic_thresholding_ratio quantile of |x0| per image, clamped to [1, sample_max_value]; "
+        "x0 = clamp(x0, -s, s) / s",
+    )
+    dynamic_thresholding_ratio: float = param(0.995, "the quantile of |x0| that thresholding takes as s", gt=0,
+                                              le=1)
+    sample_max_value: float = param(1.0, "the largest s thresholding uses (1: it is clipping to [-1, 1])", ge=1,
+                                    le=1000)
     batch_size: int = param(
         0, "images per forward pass (does not change the images); 0: of 16, 32, 64, 128 and 256 (at most n), "
         "the smallest within 5% of the fastest, timed on this machine at start", ge=0, le=65536,

@@ -73,6 +73,20 @@ def predict_x0(
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+def predict_x0_from_sigma(sigma: torch.Tensor, x: torch.Tensor, output: torch.Tensor, prediction_type: str
+                          ) -> torch.Tensor:
+    """x0_hat in the sigma view, from x = x_t / sqrt(abar_t) = x0 + sigma eps (so sqrt(abar_t) =
+    1 / sqrt(sigma^2 + 1)): `predict_x0` with x_t = x / sqrt(sigma^2 + 1), as diffusers' Euler,
+    Heun and LMS schedulers write it."""
+    if prediction_type == "epsilon":
+        return x - sigma * output
+    if prediction_type == "v":
+        return output * (-sigma / (sigma**2 + 1).sqrt()) + x / (sigma**2 + 1)
+    if prediction_type == "x0":
+        return output
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
 def predict_eps(
     schedule: NoiseSchedule, t: int | torch.Tensor, x_t: torch.Tensor, output: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -138,19 +152,23 @@ def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: s
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading", *,
+                     fractional: bool = False) -> list[int] | list[float]:
     """The timesteps a reverse run visits, descending, as diffusers' `timestep_spacing` picks them
     (Lin et al. 2023, Table 2); every timestep, T-1 down to 0, for the full loop whatever the spacing.
 
     - leading: (0, k, 2k, ...) with k = T // num_steps; never starts at T-1 (50 steps start at 980).
     - trailing: T - 1 down by T / num_steps (rounded): starts at T-1, ends near T / num_steps.
-    - linspace: num_steps points from 0 to T-1, rounded: starts at T-1, ends at 0.
+    - linspace: num_steps points from 0 to T-1, rounded: starts at T-1, ends at 0. `fractional`
+      keeps them unrounded, as diffusers' sigma-space schedulers do (Euler, Heun, LMS).
     """
     T = num_timesteps
     if spacing == "leading":
         timesteps = np.arange(num_steps) * (T // num_steps)
     elif spacing == "trailing":
         timesteps = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64)[::-1] - 1
+    elif spacing == "linspace" and fractional:
+        return [float(t) for t in np.linspace(0, T - 1, num_steps)[::-1]]
     elif spacing == "linspace":
         timesteps = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
     else:

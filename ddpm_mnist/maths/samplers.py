@@ -1,61 +1,129 @@
-"""The reverse process, one class per sampler: from x_T ~ N(0, I) to an image, step by step.
+"""The reverse process, one class per sampler: from x_T to an image, step by step.
 
-    Ancestral      Ho et al. 2020, Algorithm 2 (the default, and the 1000-step reference loop)
-    DDIM           Song et al. 2021, Eq. (12), with eta
-    DPMSolverPP2M  Lu et al. 2022, DPM-Solver++(2M), Algorithm 2
+    Ancestral       Ho et al. 2020, Algorithm 2 (the default, and the 1000-step reference loop)
+    DDIM            Song et al. 2021, Eq. (12), with eta
+    DPMSolverPP2M   Lu et al. 2022, DPM-Solver++(2M), Algorithm 2
+  in the sigma view (`SigmaSampler`), as diffusers' sigma-space schedulers and k-diffusion:
+    Euler           Karras et al. 2022, Eq. (4) stepped by Euler's method (EulerDiscreteScheduler)
+    EulerAncestral  Euler to sigma_down, plus sigma_up z (EulerAncestralDiscreteScheduler)
+    Heun            Karras et al. 2022, Algorithm 1 (HeunDiscreteScheduler): 2 model calls a step
+    LMS             linear multistep of order 4 (LMSDiscreteScheduler)
 
-Step i of a run (0 = the noisiest) is timestep `timesteps[i]`. A run of fewer than T steps uses
-the schedule respaced to its timesteps (`schedule.respace`), whose index k = num_steps - 1 - i
-names the same buffers (posterior_mean_coef1, ...) the full loop reads. Each sampler computes its
-tables once, in step order and on the device, so that a CUDA graph can replay a step with only i
-and z changing; its state, if any, is a fixed buffer that `start` resets in place. Adding a sampler
-is one class here and one line in `SAMPLERS`.
+Every sampler makes the same three moves, which the one loop (`sample.generate`) runs: x_T =
+init_noise_sigma * z (`init_noise_sigma`, 1 on x_t itself), the model's input at step i
+(`model_input`: x itself, or x / sqrt(sigma^2 + 1) in the sigma view), and `step`. Step i (0 = the
+noisiest) is one model call at timestep `timesteps[i]`. The first three run on x_t with the
+schedule respaced to their steps (`schedule.respace`), whose index k = num_steps - 1 - i names the
+same buffers (posterior_mean_coef1, ...) the full loop reads. Each sampler computes its tables
+once and on the device, so that a CUDA graph can replay a step with only i and z changing; its
+state, if any, is a fixed buffer that `start` resets in place. Adding a sampler is one class here
+and one line in `SAMPLERS`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ddpm_mnist.config import Config
-from ddpm_mnist.config.sampler_names import max_steps
-from ddpm_mnist.maths.diffusion import at, dpm_solver_timesteps, predict_eps, predict_x0, spaced_timesteps
-from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, make_schedule, respace
+from ddpm_mnist.config.sampler_names import SIGMA_SAMPLERS, max_steps, min_steps
+from ddpm_mnist.maths.diffusion import (
+    at,
+    dpm_solver_timesteps,
+    predict_eps,
+    predict_x0,
+    predict_x0_from_sigma,
+    spaced_timesteps,
+)
+from ddpm_mnist.maths.schedule import (
+    NoiseSchedule,
+    alphas_cumprod_float64,
+    make_schedule,
+    schedule_through,
+    sigmas_float64,
+)
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)
 
 
-class Sampler:
-    """What every sampler shares: its timesteps, the respaced schedule, x0_hat and its clipping."""
+def dynamic_threshold(x0_hat: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3), as diffusers' `_threshold_sample`: s is the
+    `ratio` quantile of |x0_hat| over each image, clamped to [1, max_value]; x0_hat is clamped to
+    [-s, s] and divided by s, so saturated pixels are pulled in rather than cut. (B, C, H, W)."""
+    s = torch.quantile(x0_hat.flatten(1).abs(), ratio, dim=1).clamp(min=1, max=max_value).view(-1, 1, 1, 1)
+    return torch.minimum(torch.maximum(x0_hat, -s), s) / s
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: list[int], prediction_type: str,
-                 clip_range: float | None, device: torch.device | str) -> None:
-        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # step i -> t, descending
-        self.schedule = respace(schedule, timesteps[::-1]).to(device)  # index k -> timesteps[num_steps - 1 - k]
-        self.prediction_type, self.clip_range = prediction_type, clip_range
-        self.needs_noise = [False] * len(timesteps)  # whether step i adds sigma z, read once on the host
+
+@dataclass(frozen=True)
+class X0Bound:
+    """What keeps x0_hat in the image range: nothing, clipping to [-clip_range, clip_range], or
+    dynamic thresholding (which replaces clipping, as in diffusers)."""
+
+    clip_range: float | None = None
+    threshold_ratio: float | None = None  # dynamic thresholding's quantile, None: off
+    max_value: float = 1.0
+
+    def __call__(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        if self.threshold_ratio is not None:
+            return dynamic_threshold(x0_hat, self.threshold_ratio, self.max_value)
+        return x0_hat if self.clip_range is None else x0_hat.clamp(-self.clip_range, self.clip_range)
+
+
+class Sampler:
+    """What every sampler shares: its timesteps, x0_hat's bound, and the three moves of the loop."""
+
+    init_noise_sigma = 1.0  # x_T = init_noise_sigma * z
+    noise_levels: torch.Tensor  # sigma = sqrt((1 - abar) / abar) at each model call, float64 (`ddpm schedule`)
+
+    def __init__(self, timesteps: Sequence[float], prediction_type: str, bound: X0Bound,
+                 device: torch.device | str, dtype: torch.dtype = torch.long) -> None:
+        self.timesteps = torch.tensor(timesteps, dtype=dtype, device=device)  # step i -> the model's t, descending
+        self.prediction_type, self.bound = prediction_type, bound
+        self.needs_noise = [False] * len(timesteps)  # whether step i adds noise z, read once on the host
 
     @property
     def num_steps(self) -> int:
-        """Number of reverse steps."""
+        """Number of loop steps, each one model call."""
         return len(self.timesteps)
-
-    def predict_x0(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """x0_hat at step i from whatever the model predicts, clipped if asked: (B, C, H, W)."""
-        x0_hat = predict_x0(self.schedule, self.num_steps - 1 - i, x_t, model_output, self.prediction_type)
-        return x0_hat if self.clip_range is None else x0_hat.clamp(-self.clip_range, self.clip_range)
 
     def start(self, x_T: torch.Tensor) -> None:
         """Reset the state of a run from x_T (none, but for a multistep sampler)."""
 
-    def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        """x at step i + 1 from x_t at step i; z ~ N(0, I) where `needs_noise[i]` (else None or zeros)."""
+    def model_input(self, i: Step, x: torch.Tensor) -> torch.Tensor:
+        """What the model sees at step i: x_t itself here."""
+        return x
+
+    def predict_x0(self, i: Step, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x0_hat at step i from whatever the model predicts, bounded: (B, C, H, W)."""
+        raise NotImplementedError
+
+    def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """x at step i + 1 from x at step i; z ~ N(0, I) where `needs_noise[i]` (else None or zeros)."""
         raise NotImplementedError
 
 
-class Ancestral(Sampler):
+class Respaced(Sampler):
+    """A sampler on x_t itself, with the schedule respaced to its steps: step k = num_steps - 1 - i
+    has alpha-bar `alphas_cumprod[::-1][k]` (those of its timesteps, or of Karras et al.'s sigmas)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, timesteps: Sequence[float], prediction_type: str,
+                 bound: X0Bound, device: torch.device | str, dtype: torch.dtype = torch.long) -> None:
+        super().__init__(timesteps, prediction_type, bound, device, dtype)
+        self.alphas_cumprod = alphas_cumprod  # float64 (num_steps,), in step order
+        self.noise_levels = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # the sigma of each step, float64
+        self.schedule = schedule_through(alphas_cumprod.flip(0)).to(device)  # index k -> step num_steps - 1 - k
+
+    def predict_x0(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """x0_hat at step i from whatever the model predicts, bounded: (B, C, H, W)."""
+        return self.bound(predict_x0(self.schedule, self.num_steps - 1 - i, x_t, model_output, self.prediction_type))
+
+
+class Ancestral(Respaced):
     """Ho et al. 2020, Algorithm 2: x_{t-1} = mu_tilde_t(x_t, x0_hat) + sigma_t z.
 
     The tutorials write it with eps_theta:
@@ -63,21 +131,27 @@ class Ancestral(Sampler):
     which is the same step when x0_hat is not clipped (a test checks it). The code goes through
     x0_hat and the posterior mean, Eq. (7), because clipping x0_hat to [-1, 1] needs it, and
     because v and x0 predictions give x0_hat directly. sigma_t^2 is beta-tilde_t (fixed_small) or
-    beta_t (fixed_large), Sec. 3.2; the last step adds no noise.
+    beta_t (fixed_large), Sec. 3.2; the last step adds no noise. fixed_small_log and fixed_large_log
+    are diffusers' names for the same variances computed as exp(log(sigma_t^2) / 2), beta-tilde
+    floored at 1e-20 first (diffusers' own fixed_large_log takes the square root of a log, a NaN).
     """
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: list[int], prediction_type: str,
-                 clip_range: float | None, device: torch.device | str, variance_type: str = "fixed_small") -> None:
-        super().__init__(schedule, timesteps, prediction_type, clip_range, device)
-        variance = self.schedule.posterior_variance if variance_type == "fixed_small" else self.schedule.betas
-        sigmas = variance.double().sqrt()
+    def __init__(self, alphas_cumprod: torch.Tensor, timesteps: list[int], prediction_type: str, bound: X0Bound,
+                 device: torch.device | str, variance_type: str = "fixed_small") -> None:
+        super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device)
+        small = variance_type.startswith("fixed_small")
+        variance = (self.schedule.posterior_variance if small else self.schedule.betas).double()
+        if variance_type.endswith("_log"):  # diffusers' names: the same variance through its log (Glide's max_log)
+            sigmas = (0.5 * variance.clamp(min=1e-20).log()).exp()
+        else:
+            sigmas = variance.sqrt()
         sigmas[0] = 0.0  # k = 0: the step to x_0
         self.sigmas = sigmas.float()
         self.needs_noise = (self.sigmas > 0).tolist()[::-1]
 
     def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         s, k = self.schedule, self.num_steps - 1 - i
-        # 1. predicted x_0 from the model output (Eq. 15 for epsilon), 2. clipped
+        # 1. predicted x_0 from the model output (Eq. 15 for epsilon), 2. bounded
         x0_hat = self.predict_x0(i, model_output, x_t)
         # 3. the posterior mean mu_tilde_t(x_t, x0_hat), Eq. (7)
         x_prev = at(s.posterior_mean_coef1, k) * x0_hat + at(s.posterior_mean_coef2, k) * x_t
@@ -85,7 +159,7 @@ class Ancestral(Sampler):
         return x_prev if z is None else x_prev + at(self.sigmas, k) * z
 
 
-class DDIM(Sampler):
+class DDIM(Respaced):
     """Song et al. 2021, Eq. (12): x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat
     + sigma_t z, with sigma_t(eta) of Eq. (16): eta = 0 is deterministic, eta = 1 ancestral-like.
 
@@ -94,10 +168,10 @@ class DDIM(Sampler):
     alpha-bar it would keep two digits (at eta = 1, the direction's square root none).
     """
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: list[int], prediction_type: str,
-                 clip_range: float | None, device: torch.device | str, eta: float = 0.0) -> None:
-        super().__init__(schedule, timesteps, prediction_type, clip_range, device)
-        abar = alphas_cumprod_float64(schedule)[torch.tensor(timesteps[::-1])]
+    def __init__(self, alphas_cumprod: torch.Tensor, timesteps: list[int], prediction_type: str, bound: X0Bound,
+                 device: torch.device | str, eta: float = 0.0) -> None:
+        super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device)
+        abar = alphas_cumprod.flip(0)  # index k
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         # Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
         sigmas = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
@@ -109,7 +183,7 @@ class DDIM(Sampler):
 
     def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         s, k = self.schedule, self.num_steps - 1 - i
-        # 1. predicted x_0, 2. clipped
+        # 1. predicted x_0, 2. bounded (clipped or thresholded)
         x0_hat = self.predict_x0(i, model_output, x_t)
         # 3. the noise the output implies, unclipped
         eps_hat = predict_eps(s, k, x_t, model_output, self.prediction_type)
@@ -119,7 +193,7 @@ class DDIM(Sampler):
         return x_prev if z is None else x_prev + at(self.sigmas, k) * z
 
 
-class DPMSolverPP2M(Sampler):
+class DPMSolverPP2M(Respaced):
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, as diffusers' DPMSolverMultistepScheduler
     (algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True).
 
@@ -130,10 +204,11 @@ class DPMSolverPP2M(Sampler):
     the previous step's x0_hat, is a fixed buffer.
     """
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: list[int], prediction_type: str,
-                 clip_range: float | None, device: torch.device | str) -> None:
-        super().__init__(schedule, timesteps, prediction_type, clip_range, device)
-        abar_s = alphas_cumprod_float64(schedule)[torch.tensor(timesteps)]
+    def __init__(self, alphas_cumprod: torch.Tensor, timesteps: Sequence[float], prediction_type: str,
+                 bound: X0Bound, device: torch.device | str) -> None:
+        dtype = torch.long if all(float(t).is_integer() for t in timesteps) else torch.float32
+        super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device, dtype)
+        abar_s = alphas_cumprod
         abar_t = torch.cat([abar_s[1:], torch.ones(1, dtype=torch.float64)])  # sigma = 0 after the last step
         alpha_s, sigma_s, alpha_t, sigma_t = abar_s.sqrt(), (1 - abar_s).sqrt(), abar_t.sqrt(), (1 - abar_t).sqrt()
         h = (alpha_t.log() - sigma_t.log()) - (alpha_s.log() - sigma_s.log())  # inf at the last step: e^-h = 0
@@ -154,7 +229,7 @@ class DPMSolverPP2M(Sampler):
             self.previous = torch.zeros_like(x_T)
 
     def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        # 1. predicted x_0, 2. clipped
+        # 1. predicted x_0, 2. bounded (clipped or thresholded)
         x0_hat = self.predict_x0(i, model_output, x_t)
         # 3. the data prediction, corrected by its change since the last step (0 at first order)
         x_prev = (at(self.sigma_ratio, i) * x_t + at(self.data_coef, i) * x0_hat
@@ -164,26 +239,248 @@ class DPMSolverPP2M(Sampler):
         return x_prev
 
 
-SAMPLERS = {"ancestral": Ancestral, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}  # one per sampler_names.SAMPLER_NAMES
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, Eq. (5): num_steps noise levels from sigma_max down to sigma_min, evenly
+    spaced in sigma^(1/rho), so denser near sigma_min (rho = 7 in the paper): (num_steps,) float64."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (high + ramp * (low - high)) ** rho
+
+
+def sigma_to_timestep(sigmas: torch.Tensor, schedule_sigmas: torch.Tensor) -> torch.Tensor:
+    """The timestep each sigma belongs to, between integers: log sigma interpolated linearly between
+    the schedule's timesteps and clamped to [0, T-1] (diffusers' `_sigma_to_t`). float64."""
+    log_sigmas = schedule_sigmas.log().numpy()  # increasing in t
+    log_sigma = np.log(np.maximum(sigmas.numpy(), 1e-10))
+    return torch.from_numpy(np.interp(log_sigma, log_sigmas, np.arange(len(log_sigmas), dtype=np.float64)))
+
+
+def sigma_steps(schedule: NoiseSchedule, num_steps: int, spacing: str, sigma_schedule: str
+                ) -> tuple[list[float], torch.Tensor]:
+    """A sigma sampler's run, as diffusers' Euler, Heun and LMS `set_timesteps`: (the model's timestep
+    at each step, descending; sigma at each step and 0 after the last, (num_steps + 1,) float64).
+
+    spaced: the spaced timesteps (linspace unrounded) and their sigmas, interpolated linearly in t.
+    karras: Karras et al.'s sigmas between the same two ends, each at the timestep it belongs to."""
+    all_sigmas = sigmas_float64(schedule)
+    timesteps = torch.tensor(spaced_timesteps(schedule.num_timesteps, num_steps, spacing, fractional=True),
+                             dtype=torch.float64)
+    sigmas = torch.from_numpy(np.interp(timesteps.numpy(), np.arange(len(all_sigmas)), all_sigmas.numpy()))
+    if sigma_schedule == "karras":
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
+        timesteps = sigma_to_timestep(sigmas, all_sigmas)
+    return timesteps.tolist(), torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+class SigmaSampler(Sampler):
+    """A sampler in the sigma view: on x = x_t / sqrt(abar_t) = x0 + sigma_t eps, sigma_t =
+    sqrt((1 - abar_t) / abar_t) (`NoiseSchedule.sigmas`), the variable of Karras et al. 2022 and of
+    diffusers' Euler, Heun and LMS schedulers. Its three moves:
+
+    - x_T = init_noise_sigma * z. The ancestral loop starts at x_t = z, which is x = sqrt(sigma_T^2 + 1) z
+      here: diffusers starts there when the timesteps are `leading`, and at sigma_max z (14.6146 z for
+      scaled_linear, against 14.6488 z) for trailing and linspace, as k-diffusion does. So do we.
+    - The model sees x / sqrt(sigma^2 + 1) = x_t, the input it was trained on (`scale_model_input`).
+    - Each step follows the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al.,
+      Eq. 4 with sigma(t) = t) from sigma_i towards sigma_(i+1), the last to sigma = 0: x0_hat itself.
+
+    `sigma_in[i]` is the sigma of model call i (Heun's calls repeat each sigma but the first).
+    """
+
+    def __init__(self, timesteps: Sequence[float], sigma_in: torch.Tensor, spacing: str, prediction_type: str,
+                 bound: X0Bound, device: torch.device | str) -> None:
+        super().__init__(timesteps, prediction_type, bound, device, dtype=torch.float32)
+        top = float(sigma_in.max())
+        self.init_noise_sigma = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+        self.noise_levels = sigma_in  # the sigma of each model call, float64
+        self.sigma_in = sigma_in.float().to(device)  # sigma of model call i
+        self.input_scale = (sigma_in**2 + 1).rsqrt().float().to(device)  # 1 / sqrt(sigma^2 + 1)
+
+    def model_input(self, i: Step, x: torch.Tensor) -> torch.Tensor:
+        """x_t = x / sqrt(sigma^2 + 1): the model was trained on x_t."""
+        return x * at(self.input_scale, i)
+
+    def predict_x0(self, i: Step, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x0_hat at call i from whatever the model predicts, bounded: (B, C, H, W)."""
+        return self.bound(predict_x0_from_sigma(at(self.sigma_in, i), x, model_output, self.prediction_type))
+
+    def slope(self, i: Step, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The ODE's dx/dsigma = (x - x0_hat) / sigma at call i."""
+        return (x - self.predict_x0(i, model_output, x)) / at(self.sigma_in, i)
+
+
+class Euler(SigmaSampler):
+    """Euler's method on the ODE, as k-diffusion's `sample_euler` and diffusers' EulerDiscreteScheduler:
+        x_(i+1) = x_i + (sigma_(i+1) - sigma_i) (x_i - x0_hat) / sigma_i."""
+
+    def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
+                 bound: X0Bound, device: torch.device | str) -> None:
+        super().__init__(timesteps, sigmas[:-1], spacing, prediction_type, bound, device)
+        self.dt = (sigmas[1:] - sigmas[:-1]).float().to(device)  # sigma_(i+1) - sigma_i < 0
+
+    def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        # 1. x0_hat (bounded) and the slope (x - x0_hat) / sigma, 2. a step of Euler's method
+        return x + self.slope(i, model_output, x) * at(self.dt, i)
+
+
+class EulerAncestral(SigmaSampler):
+    """Euler down to sigma_down, then fresh noise back up to sigma_(i+1), as k-diffusion's
+    `sample_euler_ancestral` (eta 1) and diffusers' EulerAncestralDiscreteScheduler:
+        sigma_up = sqrt(sigma_(i+1)^2 (sigma_i^2 - sigma_(i+1)^2) / sigma_i^2),
+        sigma_down = sqrt(sigma_(i+1)^2 - sigma_up^2),
+        x_(i+1) = x_i + (sigma_down - sigma_i) (x_i - x0_hat) / sigma_i + sigma_up z.
+    The ancestral step of the sigma view: its noise is drawn per image, so images do not depend on the batch."""
+
+    def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
+                 bound: X0Bound, device: torch.device | str) -> None:
+        super().__init__(timesteps, sigmas[:-1], spacing, prediction_type, bound, device)
+        s_from, s_to = sigmas[:-1], sigmas[1:]
+        up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2).sqrt()
+        self.dt = ((s_to**2 - up**2).sqrt() - s_from).float().to(device)  # sigma_down - sigma_i
+        self.up = up.float().to(device)
+        self.needs_noise = (up > 0).tolist()  # the last step, to sigma = 0, adds none
+
+    def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        # 1. Euler's step to sigma_down, 2. noise up to sigma_(i+1)
+        x_next = x + self.slope(i, model_output, x) * at(self.dt, i)
+        return x_next if z is None else x_next + z * at(self.up, i)
+
+
+class Heun(SigmaSampler):
+    """Heun's method, Karras et al. 2022, Algorithm 1 (no churn), as diffusers' HeunDiscreteScheduler:
+    an Euler step from sigma_i to sigma_(i+1) (one model call), then the slope there (a second call)
+    averaged with the first, and the step taken again from x_i with it. The last step, to sigma = 0,
+    stays Euler's. So a run of n steps makes 2n - 1 model calls, and its loop has that many steps:
+    call j is at sigma_(ceil(j/2)), first order for even j. The saved x_i and slope are fixed buffers."""
+
+    def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
+                 bound: X0Bound, device: torch.device | str) -> None:
+        calls = torch.arange(2 * len(timesteps) - 1)
+        level = (calls + 1) // 2  # call j evaluates at sigma_(ceil(j/2))
+        super().__init__([timesteps[k] for k in level.tolist()], sigmas[level], spacing, prediction_type, bound,
+                         device)
+        self.first = (calls % 2 == 0).to(device)  # a first-order (Euler) call; odd calls correct it
+        step_of_call = calls // 2  # the step a call belongs to
+        self.dt = (sigmas[step_of_call + 1] - sigmas[step_of_call]).float().to(device)
+        self.saved_x: torch.Tensor | None = None
+        self.saved_slope: torch.Tensor | None = None
+
+    def start(self, x_T: torch.Tensor) -> None:
+        """Zero the saved x_i and slope, in place when they fit (a captured graph keeps their address)."""
+        if self.saved_x is not None and self.saved_x.shape == x_T.shape and self.saved_x.device == x_T.device:
+            self.saved_x.zero_()
+            self.saved_slope.zero_()
+        else:
+            self.saved_x, self.saved_slope = torch.zeros_like(x_T), torch.zeros_like(x_T)
+
+    def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        first, dt = at(self.first, i), at(self.dt, i)
+        slope = self.slope(i, model_output, x)
+        # first order: Euler from x_i; second: from the saved x_i with the mean of both slopes
+        x_next = torch.where(first, x + slope * dt, self.saved_x + (self.saved_slope + slope) / 2 * dt)
+        self.saved_x.copy_(torch.where(first, x, self.saved_x))
+        self.saved_slope.copy_(torch.where(first, slope, self.saved_slope))
+        return x_next
+
+
+LMS_ORDER = 4
+GAUSS_LEGENDRE = np.polynomial.legendre.leggauss(LMS_ORDER)  # exact for polynomials of degree < 2 * LMS_ORDER
+
+
+def lms_coefficients(sigmas: torch.Tensor, order: int = LMS_ORDER) -> torch.Tensor:
+    """The linear multistep weights: (num_steps, order) float64, row i's entry j the weight of the
+    slope of step i - j. It is the integral from sigma_i to sigma_(i+1) of the Lagrange polynomial
+    through sigma_i, ..., sigma_(i-q+1) that is 1 at sigma_(i-j) (q = min(i + 1, order)), as
+    diffusers' LMSDiscreteScheduler integrates it with scipy; the polynomial has degree < order, so
+    Gauss-Legendre quadrature with `order` nodes is exact."""
+    s = sigmas.tolist()
+    nodes, weights = GAUSS_LEGENDRE
+    table = torch.zeros(len(s) - 1, order, dtype=torch.float64)
+    for i in range(len(s) - 1):
+        q = min(i + 1, order)
+        half = (s[i + 1] - s[i]) / 2
+        taus = [half * node + (s[i] + s[i + 1]) / 2 for node in nodes]
+        for j in range(q):
+            others = [k for k in range(q) if k != j]
+            values = [math.prod((tau - s[i - k]) / (s[i - j] - s[i - k]) for k in others) for tau in taus]
+            table[i, j] = half * sum(w * v for w, v in zip(weights, values, strict=True))
+    return table
+
+
+class LMS(SigmaSampler):
+    """Linear multistep of order 4 on the ODE, as diffusers' LMSDiscreteScheduler (k-diffusion's
+    `sample_lms`): x_(i+1) = x_i + sum_j c_ij slope_(i-j) over the last four slopes (`lms_coefficients`;
+    fewer at the first steps). The slopes are a fixed buffer, newest first."""
+
+    def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
+                 bound: X0Bound, device: torch.device | str) -> None:
+        super().__init__(timesteps, sigmas[:-1], spacing, prediction_type, bound, device)
+        self.coefficients = lms_coefficients(sigmas).float().to(device)  # (num_steps, 4)
+        self.slopes: torch.Tensor | None = None  # (4, B, C, H, W): slope_i, slope_(i-1), ...
+
+    def start(self, x_T: torch.Tensor) -> None:
+        """Zero the slopes, in place when they fit (a captured graph keeps their address)."""
+        if self.slopes is not None and self.slopes.shape[1:] == x_T.shape and self.slopes.device == x_T.device:
+            self.slopes.zero_()
+        else:
+            self.slopes = torch.zeros(LMS_ORDER, *x_T.shape, device=x_T.device)
+
+    def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        # 1. this step's slope, newest first among the last four
+        self.slopes.copy_(torch.cat([self.slope(i, model_output, x)[None], self.slopes[:-1]]))
+        # 2. their weighted sum: the integral of the polynomial through them
+        weights = self.coefficients.index_select(0, torch.as_tensor(i, device=x.device).reshape(-1))
+        return x + (weights.reshape(LMS_ORDER, 1, 1, 1, 1) * self.slopes).sum(0)
+
+
+SAMPLERS = {  # one per sampler_names.SAMPLER_NAMES
+    "ancestral": Ancestral, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M,
+    "euler": Euler, "euler_ancestral": EulerAncestral, "heun": Heun, "lms": LMS,
+}
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, prediction_type: str = "epsilon",
                  variance_type: str = "fixed_small", clip_sample: bool = True, clip_sample_range: float = 1.0,
-                 eta: float = 0.0, timestep_spacing: str = "leading", device: torch.device | str = "cpu") -> Sampler:
-    """The sampler `name` over `num_steps` timesteps of `schedule` (picked by `timestep_spacing`)."""
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 eta: float = 0.0, timestep_spacing: str = "leading", sigma_schedule: str = "spaced",
+                 device: torch.device | str = "cpu") -> Sampler:
+    """The sampler `name` over `num_steps` steps of `schedule` (timesteps picked by `timestep_spacing`,
+    noise levels by `sigma_schedule`), with x0_hat clipped or thresholded as asked."""
     T = schedule.num_timesteps
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}")
-    if not 1 <= num_steps <= max_steps(name, T):
-        raise ValueError(f"{name} takes 1 to {max_steps(name, T)} steps, got {num_steps}")
-    if variance_type not in ("fixed_small", "fixed_large"):
+    if not min_steps(name) <= num_steps <= max_steps(name, T):
+        raise ValueError(f"{name} takes {min_steps(name)} to {max_steps(name, T)} steps, got {num_steps}")
+    if variance_type not in ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log"):
         raise ValueError(f"unknown variance type {variance_type!r}")
-    pick = dpm_solver_timesteps if name == "dpmpp_2m" else spaced_timesteps
-    common = (schedule, pick(T, num_steps, timestep_spacing), prediction_type,
-              clip_sample_range if clip_sample else None, device)
+    if sigma_schedule not in ("spaced", "karras") or (sigma_schedule == "karras" and name in ("ancestral", "ddim")):
+        raise ValueError(f"{name} cannot step in sigma_schedule {sigma_schedule!r}")
+    bound = X0Bound(clip_range=clip_sample_range if clip_sample and not thresholding else None,
+                    threshold_ratio=dynamic_thresholding_ratio if thresholding else None, max_value=sample_max_value)
+    if name in SIGMA_SAMPLERS:
+        timesteps, sigmas = sigma_steps(schedule, num_steps, timestep_spacing, sigma_schedule)
+        return SAMPLERS[name](timesteps, sigmas, timestep_spacing, prediction_type, bound, device)
+    timesteps, abar = respaced_steps(name, schedule, num_steps, timestep_spacing, sigma_schedule)
     if name == "ancestral":
-        return Ancestral(*common, variance_type=variance_type)
-    return DDIM(*common, eta=eta) if name == "ddim" else DPMSolverPP2M(*common)
+        return Ancestral(abar, timesteps, prediction_type, bound, device, variance_type=variance_type)
+    if name == "ddim":
+        return DDIM(abar, timesteps, prediction_type, bound, device, eta=eta)
+    return DPMSolverPP2M(abar, timesteps, prediction_type, bound, device)
+
+
+def respaced_steps(name: str, schedule: NoiseSchedule, num_steps: int, spacing: str, sigma_schedule: str
+                   ) -> tuple[list[float], torch.Tensor]:
+    """(the model's timesteps, descending; the alpha-bar of each step, float64) of a sampler on x_t.
+    dpmpp_2m with karras steps through Karras et al.'s sigmas over the schedule's whole range
+    (abar = 1 / (sigma^2 + 1)) at the timesteps they belong to, between integers, as diffusers'
+    DPMSolverMultistepScheduler with use_karras_sigmas (which rounds them, but for its cosine)."""
+    T = schedule.num_timesteps
+    if sigma_schedule == "karras":
+        all_sigmas = sigmas_float64(schedule)
+        sigmas = karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), num_steps)
+        return sigma_to_timestep(sigmas, all_sigmas).tolist(), 1 / (sigmas**2 + 1)
+    timesteps = (dpm_solver_timesteps if name == "dpmpp_2m" else spaced_timesteps)(T, num_steps, spacing)
+    return timesteps, alphas_cumprod_float64(schedule)[torch.tensor(timesteps)]
 
 
 def sampler_for(cfg: Config, device: torch.device | str) -> Sampler:
@@ -191,8 +488,10 @@ def sampler_for(cfg: Config, device: torch.device | str) -> Sampler:
     s = cfg.sample
     return make_sampler(s.sampler, make_schedule(cfg.schedule).to(device), cfg.reverse_steps,
                         prediction_type=cfg.model.prediction_type, variance_type=s.variance_type,
-                        clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range, eta=s.eta,
-                        timestep_spacing=s.timestep_spacing, device=device)
+                        clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range,
+                        thresholding=s.thresholding, dynamic_thresholding_ratio=s.dynamic_thresholding_ratio,
+                        sample_max_value=s.sample_max_value, eta=s.eta, timestep_spacing=s.timestep_spacing,
+                        sigma_schedule=s.sigma_schedule, device=device)
 
 
 IMAGE_SHAPE = (1, 28, 28)

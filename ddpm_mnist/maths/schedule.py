@@ -76,8 +76,8 @@ class NoiseSchedule:
 
     @property
     def init_noise_sigma(self) -> float:
-        """max_t sigma_t: the scale x_T has in the sigma view (diffusers' `init_noise_sigma` of its
-        sigma-space schedulers; `ddpm schedule` prints it)."""
+        """max_t sigma_t: the scale of x_T in the sigma view, where the euler, heun and lms samplers
+        start (`maths.samplers.SigmaSampler`, which uses diffusers' exact rule for its timesteps)."""
         return float(self.sigmas.max())
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
@@ -130,10 +130,20 @@ def respace(schedule: NoiseSchedule, timesteps: list[int]) -> NoiseSchedule:
     abar_{t_k}, and every derived buffer (posterior mean and variance, Eq. 7) is that of the jump
     from t_k to t_(k-1). A fast sampler then uses the same named formulas as the full loop.
     """
+    return schedule_through(alphas_cumprod_float64(schedule)[torch.tensor(timesteps)]).to(schedule.betas.device)
+
+
+def schedule_through(alphas_cumprod: torch.Tensor) -> NoiseSchedule:
+    """The schedule whose step k has alpha-bar `alphas_cumprod[k]` (float64, descending): `respace`'s,
+    or one through noise levels that are not the model's timesteps (Karras et al.'s sigmas)."""
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return schedule_from_betas(1 - alphas_cumprod / previous)
+
+
+def sigmas_float64(schedule: NoiseSchedule) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0 .. T-1, from float64 alpha-bars: (T,) float64."""
     abar = alphas_cumprod_float64(schedule)
-    kept = abar[torch.tensor(timesteps)]
-    kept_prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
-    return schedule_from_betas(1 - kept / kept_prev).to(schedule.betas.device)
+    return ((1 - abar) / abar).sqrt()
 
 
 def summary_rows(schedule: NoiseSchedule, points: int = 6) -> list[dict[str, float]]:
