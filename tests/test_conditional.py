@@ -236,3 +236,20 @@ def test_the_guidance_strip_has_a_row_per_weight(conditional_run: Path, tmp_path
                            "--guidance", "0,101", "--steps", "3"], capture_output=True, text=True, timeout=300)
     assert late.returncode == 2 and "sample.guidance: must be <= 100" in late.stderr, late.stderr
     assert "W = 0" not in late.stdout and not (tmp_path / "c.png").exists()  # refused before the first row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "lms"])
+def test_the_sigma_samplers_draw_guided_digits_that_do_not_depend_on_the_batch(conditional_run: Path,
+                                                                              tmp_path: Path, capsys,
+                                                                              sampler: str) -> None:
+    ckpt = conditional_run / "checkpoints" / "latest.pt"
+    drawn = []
+    for batch in ("6", "4"):
+        code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--sampler", sampler, "--steps", "3", "--n", "6",
+                               "--guidance", "3", "--batch-size", batch, "--tensor", tmp_path / f"{batch}.pt",
+                               "--out", tmp_path / f"{batch}.png", "--set", "runtime.mixed_precision=fp32")
+        assert code == 0, err
+        drawn.append(load_samples_and_labels(tmp_path / f"{batch}.pt"))
+    assert drawn[0][1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert (drawn[0][0].int() - drawn[1][0].int()).abs().max() <= 1  # at most float rounding across batches

@@ -44,7 +44,6 @@ from ddpm_mnist.maths.schedule import (
     alphas_cumprod_float64,
     make_schedule,
     schedule_through,
-    sigmas_float64,
 )
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
 
@@ -262,7 +261,7 @@ def sigma_steps(schedule: NoiseSchedule, num_steps: int, spacing: str, sigma_sch
 
     spaced: the spaced timesteps (linspace unrounded) and their sigmas, interpolated linearly in t.
     karras: Karras et al.'s sigmas between the same two ends, each at the timestep it belongs to."""
-    all_sigmas = sigmas_float64(schedule)
+    all_sigmas = schedule.sigmas.double().cpu()
     timesteps = torch.tensor(spaced_timesteps(schedule.num_timesteps, num_steps, spacing, fractional=True),
                              dtype=torch.float64)
     sigmas = torch.from_numpy(np.interp(timesteps.numpy(), np.arange(len(all_sigmas)), all_sigmas.numpy()))
@@ -476,7 +475,7 @@ def respaced_steps(name: str, schedule: NoiseSchedule, num_steps: int, spacing: 
     DPMSolverMultistepScheduler with use_karras_sigmas (which rounds them, but for its cosine)."""
     T = schedule.num_timesteps
     if sigma_schedule == "karras":
-        all_sigmas = sigmas_float64(schedule)
+        all_sigmas = schedule.sigmas.double().cpu()
         sigmas = karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), num_steps)
         return sigma_to_timestep(sigmas, all_sigmas).tolist(), 1 / (sigmas**2 + 1)
     timesteps = (dpm_solver_timesteps if name == "dpmpp_2m" else spaced_timesteps)(T, num_steps, spacing)

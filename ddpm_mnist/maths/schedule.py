@@ -67,7 +67,7 @@ class NoiseSchedule:
     posterior_mean_coef1: torch.Tensor  # sqrt(abar_{t-1}) beta_t / (1 - abar_t), multiplies x0, Eq. (7)
     posterior_mean_coef2: torch.Tensor  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t), multiplies x_t
     snr: torch.Tensor  # abar_t / (1 - abar_t)
-    sigmas: torch.Tensor  # sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x0 + sigma_t eps (the sigma view)
+    sigmas: torch.Tensor  # sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x0 + sigma_t eps (the sigma samplers')
 
     @property
     def num_timesteps(self) -> int:
@@ -138,12 +138,6 @@ def schedule_through(alphas_cumprod: torch.Tensor) -> NoiseSchedule:
     or one through noise levels that are not the model's timesteps (Karras et al.'s sigmas)."""
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     return schedule_from_betas(1 - alphas_cumprod / previous)
-
-
-def sigmas_float64(schedule: NoiseSchedule) -> torch.Tensor:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0 .. T-1, from float64 alpha-bars: (T,) float64."""
-    abar = alphas_cumprod_float64(schedule)
-    return ((1 - abar) / abar).sqrt()
 
 
 def summary_rows(schedule: NoiseSchedule, points: int = 6) -> list[dict[str, float]]:
