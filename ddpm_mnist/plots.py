@@ -50,8 +50,9 @@ def schedule_figure(schedules: dict[str, NoiseSchedule],
 
 
 def sweep_figure(rows: list[dict], floor: float, n: int) -> Figure:
-    """fid_mnist against model evaluations (log scale), a line per sampler, with the floor and the
-    full ancestral loop marked; rows as `ddpm eval --sweep` writes them."""
+    """fid_mnist against model evaluations (log scale; fid_mnist too, so that one poor setting does
+    not flatten the rest), a line per sampler, with the floor and the full ancestral loop marked;
+    rows as `ddpm eval --sweep` writes them."""
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
     for sampler in dict.fromkeys(row["sampler"] for row in rows):
         mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["model_evaluations"])
@@ -61,6 +62,7 @@ def sweep_figure(rows: list[dict], floor: float, n: int) -> Figure:
         ax.axhline(full[0]["fid_mnist"], color="gray", linestyle="--", linewidth=1, label="ancestral, full loop")
     ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"real digits (floor), n = {n}")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("model evaluations")
     ax.set_ylabel("fid_mnist (lower is better)")
     ax.grid(True, alpha=0.3)
