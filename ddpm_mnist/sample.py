@@ -281,15 +281,15 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     reverse = sampler_for(cfg, runtime.device)
     static = s.cuda_graph and runtime.device.type == "cuda"
     which = "EMA" if s.use_ema else "raw"
-    spacing = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
+    how = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
+    how += ", Karras sigmas" if s.sigma_schedule == "karras" else ""
+    how += f", from {reverse.init_noise_sigma:.4g} z" if reverse.init_noise_sigma != 1 else ""
     weights = state.get("source") or f"{which} weights of step {state['step']:,}"
     model = model.to(runtime.device)
     cfg, batch = with_batch_size(model, cfg, runtime)
     model, eager, compiled = compiled_for(model, cfg, runtime)
     calls = f" ({reverse.num_steps} model calls)" if reverse.num_steps != cfg.reverse_steps else ""
-    spacing += ", Karras sigmas" if s.sigma_schedule == "karras" else ""
-    spacing += f", from {reverse.init_noise_sigma:.4g} z" if reverse.init_noise_sigma != 1 else ""
-    note = (f"{s.sampler}, {cfg.reverse_steps} steps{spacing}{calls}, seed {cfg.seed}, {weights}, "
+    note = (f"{s.sampler}, {cfg.reverse_steps} steps{how}{calls}, seed {cfg.seed}, {weights}, "
             f"{runtime.device}, {runtime.precision_note}, {batch}" + (", CUDA graph" if static else "") + compiled
             + conditioning(cfg))
     return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager, bool(compiled))

@@ -17,6 +17,7 @@ from ddpm_mnist.config.schema import (
     SAMPLE_TIME_KEYS,
     SCHEDULES,
     SECTIONS,
+    SIGMA_SCHEDULES,
     TIMESTEP_SPACINGS,
     VARIANCE_TYPES,
     Config,
@@ -34,8 +35,8 @@ from ddpm_mnist.config.yaml_io import MAX_DEPTH, dump_yaml, parse_yaml, referenc
 
 __all__ = [
     "GUIDANCE_DEFAULT", "IMAGE_SIZE", "MAX_CONFIG_BYTES", "MAX_DEPTH", "MOVED_KEYS", "PREDICTION_TYPES",
-    "SAMPLE_TIME_KEYS", "SCHEDULES", "SECTIONS", "TIMESTEP_SPACINGS", "VARIANCE_TYPES", "Config", "DataConfig",
-    "ModelConfig",
+    "SAMPLE_TIME_KEYS", "SCHEDULES", "SECTIONS", "SIGMA_SCHEDULES", "TIMESTEP_SPACINGS", "VARIANCE_TYPES", "Config",
+    "DataConfig", "ModelConfig",
     "RuntimeConfig", "SampleConfig", "SampleRequest", "ScheduleConfig", "TrainConfig", "apply_overrides",
     "config_from_dict", "dump_yaml", "duration_seconds", "load_config", "param", "parse_yaml", "reference_rows",
     "to_dict", "validate", "with_sample_options",

@@ -169,8 +169,8 @@ class TrainConfig:
     sample_every: int = param(1000, "steps between preview grids (0: only at the end)", ge=0)
     preview_n: int = param(64, "images in each preview grid", ge=1, le=1024)
     preview_sampler: str = param(
-        "ancestral", "sampler of preview grids and training metrics: ancestral | dpmpp_2m (DPM-Solver++) | "
-        "ddim (eta 0)", choices=SAMPLER_NAMES,
+        "ancestral", "sampler of preview grids and training metrics: any of sample.sampler's (ddim at eta 0, "
+        "spaced sigmas)", choices=SAMPLER_NAMES,
     )
     preview_steps: int = param(
         50, "reverse steps of preview grids and training metrics (at most T, or T - 1 for dpmpp_2m)", ge=1

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm_mnist.config import Config
-from ddpm_mnist.config.sampler_names import SIGMA_SAMPLERS, max_steps, min_steps
+from ddpm_mnist.config import SIGMA_SCHEDULES, VARIANCE_TYPES, Config
+from ddpm_mnist.config.sampler_names import KARRAS_SAMPLERS, SIGMA_SAMPLERS, max_steps, min_steps
 from ddpm_mnist.maths.diffusion import (
     at,
     dpm_solver_timesteps,
@@ -450,9 +450,9 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, predicti
         raise ValueError(f"unknown sampler {name!r}")
     if not min_steps(name) <= num_steps <= max_steps(name, T):
         raise ValueError(f"{name} takes {min_steps(name)} to {max_steps(name, T)} steps, got {num_steps}")
-    if variance_type not in ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log"):
+    if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"unknown variance type {variance_type!r}")
-    if sigma_schedule not in ("spaced", "karras") or (sigma_schedule == "karras" and name in ("ancestral", "ddim")):
+    if sigma_schedule not in SIGMA_SCHEDULES or (sigma_schedule == "karras" and name not in KARRAS_SAMPLERS):
         raise ValueError(f"{name} cannot step in sigma_schedule {sigma_schedule!r}")
     bound = X0Bound(clip_range=clip_sample_range if clip_sample and not thresholding else None,
                     threshold_ratio=dynamic_thresholding_ratio if thresholding else None, max_value=sample_max_value)
