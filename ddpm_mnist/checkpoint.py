@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,22 +94,80 @@ def save_checkpoint(contents: dict[str, Any], folder: Path, keep: int) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint safely and check every field before any use (see `checkpoint_checks`).
+@dataclass(frozen=True)
+class Checkpoint:
+    """Weights to sample or resume from, read and checked as a whole by `load`: a checkpoint file of
+    `ddpm train`, an exported weights file, or a diffusers DDPMPipeline folder.
 
-    The file is read once and verified as a whole zip archive (every record's CRC), then loaded
-    from those bytes with `weights_only=True`; its format, version, config, weights, optimiser,
-    lr-schedule and RNG states are then checked against the model its config describes. Every
-    failure (missing, not a regular file, truncated, damaged, a pickle that would run code, another
-    format or version, a field of the wrong type, shape or range) is a CheckpointError of one line
-    naming the field.
+    `contents` is what the file stores (see `checkpoint_contents`); an export holds only the
+    weights, and cannot resume. `config` is its stored config, parsed once."""
+
+    path: Path
+    config: Config  # the config it was trained with, validated (a format 1 file's migrated)
+    step: int  # the training steps behind its weights (0 where a diffusers folder does not say)
+    contents: dict[str, Any]
+    source: str = ""  # what its weights are, where the step does not say it (a diffusers folder)
+
+    def weights(self, use_ema: bool) -> dict[str, torch.Tensor]:
+        """The EMA weights, or the raw ones (an export holds one set, under both names)."""
+        return self.contents["ema" if use_ema else "model"]
+
+    def describe(self, use_ema: bool) -> str:
+        """What the weights are, for a note line: 'EMA weights of step 4,282'."""
+        return self.source or f"{'EMA' if use_ema else 'raw'} weights of step {self.step:,}"
+
+    def build_model(self, use_ema: bool) -> UNet:
+        """The config's U-Net with the EMA (or raw) weights, in eval mode on the CPU."""
+        model = UNet(self.config.model)
+        load_weights(model, self.weights(use_ema), self.path, "EMA" if use_ema else "raw")
+        return model.eval()
+
+    @property
+    def world_size(self) -> int:
+        """How many processes wrote it."""
+        return self.contents.get("world_size", 1)
+
+    @property
+    def cpu_threads(self) -> int | None:
+        """The CPU threads it trained with (None: not recorded, written before they were)."""
+        return self.contents.get("cpu_threads") or None
+
+    @property
+    def time_budget(self) -> str | None:
+        """The time budget that fixed its length ("": trained by steps; None: written before budgets were recorded)."""
+        return self.contents.get("time_budget")
+
+    def restore(self, train_state: TrainState, rank: int, world_size: int) -> None:
+        """Load it into the live training state (`restore_train_state`)."""
+        restore_train_state(train_state, self.contents, self.path, rank, world_size)
+
+
+def load(path: str | Path) -> Checkpoint:
+    """The one way in for weights: a checkpoint file, an exported `.safetensors` file or a diffusers
+    folder, each read by its format's reader, then checked the same way (see `checkpoint_checks`).
+
+    A checkpoint file is read once and verified as a whole zip archive (every record's CRC), then
+    loaded from those bytes with `weights_only=True`. Its config is parsed once, and its weights,
+    optimiser, lr-schedule and RNG states are checked against the model that config describes
+    (built once, on the meta device). Every failure (missing, not a regular file, truncated,
+    damaged, a pickle that would run code, another format or version, a field of the wrong type,
+    shape or range) is a CheckpointError of one line naming the field.
     """
     path = Path(path)
     if path.is_dir():
-        return _load_folder(path)
+        cfg, weights, step = _read_folder(path)
+        return _checked(path, cfg, exported_contents(weights, step), f"the weights of the diffusers folder {path}")
     if path.suffix == ".safetensors":
         check_input_file(path, "weights")
-        return _checked(weights_contents(*diffusers_format.read_weights_file(path)), path)
+        cfg, weights, step = diffusers_format.read_weights_file(path)
+        return _checked(path, cfg, exported_contents(weights, step))
+    contents = _read_torch_file(path)
+    _check_fields(contents, path)
+    return _checked(path, stored_config(contents, path), contents)
+
+
+def _read_torch_file(path: Path) -> dict[str, Any]:
+    """A checkpoint file's dict, loaded without running code, of our format and a version we read."""
     data = checks.read_verified(path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -124,17 +183,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     version = state.get("format_version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: checkpoint format version {_short(version)}; this ddpm-mnist reads versions "
+            f"{path}: checkpoint format version {checks.brief(version)}; this ddpm-mnist reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
-    return _checked(state, path)
+    return state
 
 
-def _load_folder(path: Path) -> dict[str, Any]:
-    """A diffusers DDPMPipeline folder, as checkpoint contents; any other folder is one line."""
+def _read_folder(path: Path) -> tuple[Config, dict[str, torch.Tensor], int]:
+    """A diffusers DDPMPipeline folder (`diffusers_format.read_folder`); any other folder is one line."""
     if (path / "unet" / "config.json").is_file():
-        contents = weights_contents(*diffusers_format.read_folder(path))
-        return _checked({**contents, "source": f"the weights of the diffusers folder {path}"}, path)
+        return diffusers_format.read_folder(path)
     if any(os.path.lexists(path / name) for name in ("model_index.json", "unet", "scheduler")):
         raise CheckpointError(f"{path}: a diffusers DDPMPipeline folder holds unet/config.json, and this one has "
                               "none (or not as a regular file)")
@@ -142,20 +200,18 @@ def _load_folder(path: Path) -> dict[str, Any]:
                           "or a diffusers DDPMPipeline folder")
 
 
-def _checked(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    _check_fields(state, path)
+def _checked(path: Path, cfg: Config, contents: dict[str, Any], source: str = "") -> Checkpoint:
     try:
-        _check_contents(state, checkpoint_config(state, path))
+        _check_contents(contents, cfg)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    return state
+    return Checkpoint(path, cfg, contents["step"], contents, source)
 
 
-def weights_contents(cfg: Config, weights: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
-    """Checkpoint contents for weights without a training state (an exported file or folder): they
-    sample and evaluate like a checkpoint, and cannot resume."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(cfg), "step": step,
-            "model": weights, "ema": weights}
+def exported_contents(weights: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+    """What an exported file or folder holds, as checkpoint contents: weights and step, no training
+    state (it samples and evaluates like a checkpoint, and cannot resume)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "model": weights, "ema": weights}
 
 
 def _check_contents(state: dict[str, Any], cfg: Config) -> None:
@@ -180,7 +236,7 @@ def _check_contents(state: dict[str, Any], cfg: Config) -> None:
         checks.check_rng(state["rng"])
     budget = state.get("time_budget", "")
     if not isinstance(budget, str) or len(budget) > 40:
-        raise ValueError(f"its time_budget must be a duration such as 20m, got {_short(budget)}")
+        raise ValueError(f"its time_budget must be a duration such as 20m, got {checks.brief(budget)}")
 
 
 # What LambdaLR.state_dict() holds (load_state_dict sets each as an attribute), and older torch's 'verbose'
@@ -200,11 +256,6 @@ def _unpickling_message(path: Path, text: str) -> str:
     return f"{path}: not a readable checkpoint, truncated or not a torch file ({reason[:200]})"
 
 
-def _short(value: Any) -> str:
-    text = repr(value) if isinstance(value, (int, float, str, type(None))) else type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _check_fields(state: dict[str, Any], path: Path) -> None:
     missing = [key for key in ("config", "step", "model", "ema") if key not in state]
     if missing:
@@ -212,18 +263,19 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
     for key in ("step", "ema_num_averaged", "world_size", "skipped", "epoch"):
         value = state.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**62:
-            raise CheckpointError(f"{path}: its {key} must be a whole number >= 0, got {_short(value)}")
+            raise CheckpointError(f"{path}: its {key} must be a whole number >= 0, got {checks.brief(value)}")
     threads = state.get("cpu_threads", 0)
     if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 4096:
-        raise CheckpointError(f"{path}: its cpu_threads must be a whole number from 0 to 4096, got {_short(threads)}")
+        raise CheckpointError(f"{path}: its cpu_threads must be a whole number from 0 to 4096, got "
+                              f"{checks.brief(threads)}")
     for key in ("model", "ema"):
         weights = state[key]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{path}: its {key} weights are not a mapping of names to tensors")
 
 
-def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
-    """The resolved config stored in a checkpoint, validated like a config file (format 1 migrated)."""
+def stored_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The resolved config stored in a checkpoint file, validated like a config file (format 1 migrated)."""
     raw = state["config"]
     if state.get("format_version") == 1 and isinstance(raw, dict) and isinstance(raw.get("train"), dict):
         raw = copy.deepcopy(raw)
@@ -233,20 +285,13 @@ def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
-    """Load a state dict that `load_checkpoint` checked; a mismatch with the live model is one line."""
+    """Load a state dict that `load` checked; a mismatch with the live model is one line."""
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
         raise CheckpointError(f"{path}: {what} weights do not fit the model its config describes ({detail})") from None
-
-
-def load_model(contents: dict[str, Any], cfg: Config, path: str | Path, use_ema: bool) -> UNet:
-    """The config's U-Net with the checkpoint's EMA (or raw) weights, in eval mode on the CPU."""
-    model = UNet(cfg.model)
-    load_weights(model, contents["ema"] if use_ema else contents["model"], path, "EMA" if use_ema else "raw")
-    return model.eval()
 
 
 def checkpoint_contents(

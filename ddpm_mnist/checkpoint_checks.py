@@ -130,13 +130,14 @@ def _number(value: Any, field: str, *, low: float = 0.0, low_open: bool = False,
             high_open: bool = False) -> None:
     """A finite int or float within [low, high] (an end open where asked)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{field}: must be a finite number, got {_brief(value)}")
+        raise ValueError(f"{field}: must be a finite number, got {brief(value)}")
     if value < low or (low_open and value == low) or value > high or (high_open and value == high):
         left, right = "(" if low_open else "[", ")" if high_open else "]"
         raise ValueError(f"{field}: must lie in {left}{low:g}, {high:g}{right}, got {value!r}")
 
 
-def _brief(value: Any) -> str:
+def brief(value: Any) -> str:
+    """A value in at most 40 characters, for a message: its repr, or its type's name."""
     text = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -144,7 +145,7 @@ def _brief(value: Any) -> str:
 def check_param_group(group: Any, field: str, size: int) -> list[int]:
     """One AdamW parameter group's hyperparameters; returns the indices of its parameters."""
     if not isinstance(group, dict):
-        raise ValueError(f"{field}: must be a mapping, got {_brief(group)}")
+        raise ValueError(f"{field}: must be a mapping, got {brief(group)}")
     params = group.get("params")
     if not isinstance(params, list) or len(params) != size or not all(
             isinstance(p, int) and not isinstance(p, bool) for p in params):
@@ -156,19 +157,19 @@ def check_param_group(group: Any, field: str, size: int) -> list[int]:
     _number(group.get("weight_decay"), f"{field}.weight_decay")
     betas = group.get("betas")
     if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-        raise ValueError(f"{field}.betas: must be two numbers in [0, 1), got {_brief(betas)}")
+        raise ValueError(f"{field}.betas: must be two numbers in [0, 1), got {brief(betas)}")
     for i in range(2):
         _number(betas[i], f"{field}.betas[{i}]", high=1.0, high_open=True)
     for key in ("amsgrad", "maximize", "differentiable"):  # what this tool's AdamW is built with
         if group.get(key, False) is not False:
-            raise ValueError(f"{field}.{key}: must be false, as ddpm-mnist's AdamW has it, got {_brief(group[key])}")
+            raise ValueError(f"{field}.{key}: must be false, as ddpm-mnist's AdamW has it, got {brief(group[key])}")
     for key in ("foreach", "fused", "capturable", "decoupled_weight_decay"):
         if group.get(key) is not None and not isinstance(group.get(key), bool):
-            raise ValueError(f"{field}.{key}: must be true, false or null, got {_brief(group[key])}")
+            raise ValueError(f"{field}.{key}: must be true, false or null, got {brief(group[key])}")
     extra = [k for k in group if not isinstance(k, str) or not isinstance(group[k], (bool, int, float, str,
                                                                                      type(None), list, tuple))]
     if extra:
-        raise ValueError(f"{field}: holds {_brief(extra[0])}, which an AdamW group does not")
+        raise ValueError(f"{field}: holds {brief(extra[0])}, which an AdamW group does not")
     return params
 
 
@@ -190,7 +191,7 @@ def check_optimizer(saved: Any, groups: list[list[torch.Tensor]], field: str = "
     if not isinstance(state, dict):
         raise ValueError(f"{field}.state: must be a mapping of parameter indices")
     for index, entry in state.items():
-        where = f"{field}.state[{_brief(index)}]"
+        where = f"{field}.state[{brief(index)}]"
         if index not in like or isinstance(index, bool):
             raise ValueError(f"{where}: no parameter has this index")
         if not isinstance(entry, dict) or set(entry) != {"step", *ADAMW_MOMENTS}:
@@ -212,7 +213,7 @@ def check_lr_scheduler(saved: Any, groups: int, allowed_keys: set[str], field: s
         raise ValueError(f"{field}: must be a mapping of names")
     unknown = sorted(set(saved) - allowed_keys)
     if unknown:
-        raise ValueError(f"{field}: holds {_brief(unknown[0])}, which the lr schedule does not have")
+        raise ValueError(f"{field}: holds {brief(unknown[0])}, which the lr schedule does not have")
     for key in ("base_lrs", "_last_lr"):
         values = saved.get(key)
         if not isinstance(values, list) or len(values) != groups:
@@ -222,13 +223,13 @@ def check_lr_scheduler(saved: Any, groups: int, allowed_keys: set[str], field: s
     for key, low in (("last_epoch", -1), ("_step_count", 0)):
         value = saved.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10**12:
-            raise ValueError(f"{field}.{key}: must be a whole number >= {low}, got {_brief(value)}")
+            raise ValueError(f"{field}.{key}: must be a whole number >= {low}, got {brief(value)}")
     lambdas = saved.get("lr_lambdas")
     if not isinstance(lambdas, list) or len(lambdas) != groups or any(fn not in (None, {}) for fn in lambdas):
         raise ValueError(f"{field}.lr_lambdas: must be {groups} empty entries (the schedule comes from the config)")
     for key in ("_is_initial", "_get_lr_called_within_step", "verbose"):
         if key in saved and not isinstance(saved[key], bool):
-            raise ValueError(f"{field}.{key}: must be true or false, got {_brief(saved[key])}")
+            raise ValueError(f"{field}.{key}: must be true or false, got {brief(saved[key])}")
 
 
 def check_rng(rngs: Any, field: str = "rng") -> None:

@@ -40,7 +40,7 @@ from ddpm_mnist.paths import (
 FORMATS = ("diffusers", "safetensors")
 
 
-def export(ckpt_path: Path, out: Path, *, fmt: str = "diffusers", use_ema: bool = True,
+def export_checkpoint(ckpt_path: Path, out: Path, *, fmt: str = "diffusers", use_ema: bool = True,
            overwrite: bool = False) -> list[Path]:
     """Write the export; return the files written."""
     if fmt not in FORMATS:
@@ -51,9 +51,8 @@ def export(ckpt_path: Path, out: Path, *, fmt: str = "diffusers", use_ema: bool 
         raise UserError(f"--out {out}: a diffusers export is a folder; give a folder name (or --format safetensors)")
     check_paths({"--out": out}, inputs={"--ckpt": ckpt_path})
     check_replaceable(out, fmt, overwrite)
-    contents = ckpt.load_checkpoint(ckpt_path)
-    cfg = ckpt.checkpoint_config(contents, ckpt_path)
-    weights = contents["ema" if use_ema else "model"]
+    checkpoint = ckpt.load(ckpt_path)
+    cfg, weights = checkpoint.config, checkpoint.weights(use_ema)
     if fmt == "diffusers":
         diffusers_format.unet_config(cfg.model)  # refuses a model UNet2DModel cannot hold, before writing
         ensure_writable(out.parent, folder=True)
@@ -61,9 +60,9 @@ def export(ckpt_path: Path, out: Path, *, fmt: str = "diffusers", use_ema: bool 
         betas = make_betas(schedule.beta_schedule, schedule.num_timesteps, schedule.beta_start, schedule.beta_end,
                            schedule.cosine_s, schedule.max_beta)
         return write_whole_folder(out, lambda folder: diffusers_format.write_folder(
-            folder, cfg, weights, betas, contents["step"], run_facts(ckpt_path)))
+            folder, cfg, weights, betas, checkpoint.step, run_facts(ckpt_path)))
     ensure_writable(out)
-    return [diffusers_format.write_weights_file(out, cfg, weights, contents["step"])]
+    return [diffusers_format.write_weights_file(out, cfg, weights, checkpoint.step)]
 
 
 def check_replaceable(out: Path, fmt: str, overwrite: bool) -> None:

@@ -113,14 +113,14 @@ def strip_path(trajectory: Path) -> Path:
 class TrajectoryRecorder:
     """Keeps x_t and x0_hat of the first `count` images at the steps shown in the GIF and strip.
 
-    `reverse` is the `samplers.Sampler` being run (its `timesteps`, `model_input` and `predict_x0`).
+    `sampler` is the `samplers.Sampler` being run (its `timesteps`, `model_input` and `predict_x0`).
     x_t is what the model sees, so a sampler in the sigma view shows x / sqrt(sigma^2 + 1): image range.
     """
 
-    def __init__(self, reverse: Any, count: int) -> None:
-        self.reverse = reverse
+    def __init__(self, sampler: Any, count: int) -> None:
+        self.sampler = sampler
         self.count = count
-        last = reverse.num_steps - 1
+        last = sampler.num_steps - 1
         self.frame_steps = sorted({round(i * last / (TRAJECTORY_FRAMES - 1)) for i in range(TRAJECTORY_FRAMES)})
         self.strip_steps = sorted({round(i * last / (STRIP_TIMESTEPS - 1)) for i in range(STRIP_TIMESTEPS)})
         self.x_t: dict[int, torch.Tensor] = {}
@@ -130,8 +130,8 @@ class TrajectoryRecorder:
         """Record step i (a `generate` callback; x is the sampler's variable)."""
         if i in self.frame_steps or i in self.strip_steps:
             x, out = x[: self.count], output[: self.count]
-            self.x_t[i] = self.reverse.model_input(i, x).cpu()
-            self.x0_hat[i] = self.reverse.predict_x0(i, out, x).cpu()
+            self.x_t[i] = self.sampler.model_input(i, x).cpu()
+            self.x0_hat[i] = self.sampler.predict_x0(i, out, x).cpu()
 
     def save(self, final: torch.Tensor, path: Path) -> list[Path]:
         """Write the GIF at `path` and the strip beside it; final: uint8 (count, 1, 28, 28), the last frame."""
@@ -156,7 +156,7 @@ class TrajectoryRecorder:
     def _save_strip(self, path: Path) -> None:
         from ddpm_mnist.plots import save_figure, trajectory_figure
 
-        timesteps = [round(float(self.reverse.timesteps[i])) for i in self.strip_steps]
+        timesteps = [round(float(self.sampler.timesteps[i])) for i in self.strip_steps]
         x_t = [self.x_t[i] for i in self.strip_steps]
         x0_hat = [self.x0_hat[i] for i in self.strip_steps]
         save_figure(trajectory_figure(timesteps, x_t, x0_hat, rows=min(self.count, 4)), path, dpi=100)

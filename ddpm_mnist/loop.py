@@ -32,7 +32,7 @@ from ddpm_mnist.distributed import (
     gather,
     on_main,
 )
-from ddpm_mnist.errors import RunError, Stopped, note
+from ddpm_mnist.errors import Stopped, note
 from ddpm_mnist.logger import Interval, TrainLogger
 from ddpm_mnist.maths.diffusion import training_losses, training_timesteps
 from ddpm_mnist.trainstate import (
@@ -40,16 +40,18 @@ from ddpm_mnist.trainstate import (
     TrainState,
     apply_optimizer_settings,
     ema_decay_at,
+    length_from_checkpoint,
     relay_lr_schedule,
     setup_training,
     with_fixed_length,
 )
 
 if TYPE_CHECKING:  # names in annotations only: the config, train_step's arguments, the run folder
+    from ddpm_mnist.checkpoint import Checkpoint
     from ddpm_mnist.config import Config, TrainConfig
     from ddpm_mnist.data import EpochBatches
     from ddpm_mnist.maths.schedule import NoiseSchedule
-    from ddpm_mnist.runfolder import Resume, RunFolder
+    from ddpm_mnist.runfolder import RunFolder
 
 
 # TensorBoard's Time Series lists tag groups by name and opens the first ones: the training curves
@@ -67,7 +69,7 @@ class Hooks:
 
 
 def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
-              resume_from: Resume | None, hooks: Hooks, change_world_size: bool) -> Path:
+              resume_from: Checkpoint | None, hooks: Hooks, change_world_size: bool) -> Path:
     """Set up, then step until train.steps: the loop of Algorithm 1 with its logs, previews and checkpoints."""
     cfg, batches, schedule, total, state = setup_state(cfg, ddp, runtime, resume_from, change_world_size)
     if state.step >= total:
@@ -115,7 +117,7 @@ def say_nothing_to_train(folder: RunFolder, step: int, total: int, ddp: Dist) ->
     return folder.path
 
 
-def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Resume | None,
+def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Checkpoint | None,
                 change_world_size: bool) -> tuple[Config, EpochBatches, NoiseSchedule, int, TrainState]:
     """The run's config (its length from the checkpoint on resume), data, schedule, length and state,
     restored from the checkpoint when resuming."""
@@ -151,29 +153,6 @@ def log_interval(log: TrainLogger, interval: Interval, state: TrainState, traini
                  ema_decay_at(step, training.ema_decay, training.ema_warmup),
                  state.skipped if training.nan_policy == "skip" else None)
     return Interval(runtime.device, step)
-
-
-def length_from_checkpoint(cfg: Config, resume_from: Resume | None, say: bool) -> Config:
-    """A budgeted run resumed after its length was fixed keeps that length (from its checkpoint's
-    config); a budget other than the one that fixed it is said not to apply (when `say`). A run
-    trained by steps or epochs cannot take a budget on resume."""
-    if not cfg.train.time_budget or resume_from is None:
-        return cfg
-    stored = resume_from.config
-    if not stored.train.steps:
-        return cfg  # stopped before its budget fixed the length: the budget measures anew
-    fixed_by = resume_from.time_budget  # None: a checkpoint from before budgets were recorded
-    if fixed_by == "":
-        raise RunError(
-            f"--resume: this run trains by steps (train.steps: {stored.train.steps:,}), and a time budget "
-            f"({cfg.train.time_budget}) only applies to a run that starts with one: resume with "
-            "--set train.time_budget='' (and --set train.steps=N to train longer)"
-        )
-    if say and fixed_by is not None and fixed_by != cfg.train.time_budget:
-        note(f"--resume: this run's length was fixed at {stored.train.steps:,} steps by its time budget "
-              f"{fixed_by}; the budget {cfg.train.time_budget} given now does not apply "
-              "(to train longer, resume with --set train.steps=N)")
-    return with_fixed_length(cfg, stored.train.steps)
 
 
 def fix_length(cfg: Config, state: TrainState, steps: int, folder: RunFolder, ddp: Dist) -> Config:

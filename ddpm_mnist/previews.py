@@ -35,18 +35,18 @@ class EMASamples:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._reverse = None
+        self._sampler = None
 
     def __call__(self, model: nn.Module, runtime: Runtime, stream: int, n: int) -> torch.Tensor:
         """n images (n, 1, 28, 28) in [-1, 1], the same noise at every call."""
         device = runtime.device
-        if self._reverse is None:  # the preview sampler (DDIM: eta 0) with the sample section's clipping
+        if self._sampler is None:  # the preview sampler (DDIM: eta 0) with the sample section's clipping
             sample = dataclasses.replace(self.cfg.sample, sampler=self.cfg.preview_sampler,
                                          steps=self.cfg.preview_steps, eta=0.0, sigma_schedule="spaced")
-            self._reverse = sampler_for(dataclasses.replace(self.cfg, sample=sample), device)
+            self._sampler = sampler_for(dataclasses.replace(self.cfg, sample=sample), device)
         noise = NoiseSource(derive_seed(self.cfg.seed, stream), range(n), device, stream)
         model = for_images(model, self.cfg, range(n), device)  # a conditional model: digit k mod 10, sample.guidance
-        return generate(model, self._reverse, noise, runtime, static=device.type == "cuda")
+        return generate(model, self._sampler, noise, runtime, static=device.type == "cuda")
 
 
 class Preview:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,42 +49,6 @@ FROZEN_ON_RESUME = ("schedule", "model", "seed", "data.limit")
 OWN_NAMES = re.compile(r"config\.yaml|events\.out\.tfevents\.[^/]+|checkpoints/(latest|step_[0-9]{9,})\.pt")
 # A temporary file of `paths.temporary_name` that a killed writer left: `.name.PID.RANDOM.tmp`
 TEMPORARY = re.compile(r"(.*/)?\.(?P<name>[^/]+)\.[0-9]+\.[0-9a-f]{8}\.tmp")
-
-
-@dataclass(frozen=True)
-class Resume:
-    """The checkpoint a run continues from: its file and its contents, checked as it was read."""
-
-    path: Path
-    contents: dict[str, Any]
-
-    @classmethod
-    def read(cls, path: str | Path) -> Resume:
-        return cls(Path(path), ckpt.load_checkpoint(path))
-
-    @functools.cached_property
-    def config(self) -> Config:
-        """The config it was trained with (parsed once: the frozen keys, the length and the optimiser read it)."""
-        return ckpt.checkpoint_config(self.contents, self.path)
-
-    @property
-    def world_size(self) -> int:
-        """How many processes wrote it."""
-        return self.contents.get("world_size", 1)
-
-    @property
-    def cpu_threads(self) -> int | None:
-        """The CPU threads it trained with (None: not recorded, written before they were)."""
-        return self.contents.get("cpu_threads") or None
-
-    @property
-    def time_budget(self) -> str | None:
-        """The time budget that fixed its length ("": trained by steps; None: written before budgets were recorded)."""
-        return self.contents.get("time_budget")
-
-    def restore(self, state: TrainState, rank: int, world_size: int) -> None:
-        """Load it into the live training state (see `checkpoint.restore_train_state`)."""
-        ckpt.restore_train_state(state, self.contents, self.path, rank, world_size)
 
 
 class RunFolder:
@@ -140,7 +102,8 @@ class RunFolder:
         """True when the folder already holds a run's config or checkpoints."""
         return (self.path / "config.yaml").exists() or any(self.checkpoints.glob("*.pt"))
 
-    def prepare(self, cfg: Config, resume: bool, overwrite: bool, config_file: Path | None = None) -> Resume | None:
+    def prepare(self, cfg: Config, resume: bool, overwrite: bool,
+                config_file: Path | None = None) -> ckpt.Checkpoint | None:
         """Apply --resume / --overwrite; return the checkpoint to resume from, if any. `config_file`:
         the --config the run was given, which the run's own config.yaml must not replace."""
         if resume and overwrite:
@@ -164,7 +127,7 @@ class RunFolder:
             check_frozen_keys(cfg, found.config, self.path)
         return found
 
-    def resume_checkpoint(self) -> Resume | None:
+    def resume_checkpoint(self) -> ckpt.Checkpoint | None:
         """latest.pt, or when it is missing the newest numbered checkpoint that loads (said on stdout).
 
         None only when the folder holds no checkpoint at all. A damaged latest.pt is an error, not a
@@ -173,14 +136,14 @@ class RunFolder:
         latest = self.latest
         if latest.exists():
             try:
-                return Resume.read(latest)
+                return ckpt.load(latest)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}; delete it to resume from the newest numbered checkpoint") from None
         numbered = ckpt.numbered_checkpoints(self.checkpoints)
         reasons = []
         for path in numbered:
             try:
-                found = Resume.read(path)
+                found = ckpt.load(path)
             except CheckpointError as exc:
                 reasons.append(str(exc))
                 continue

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +39,21 @@ def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z
     return sampler.step(i, output, x, z), output  # float32: autocast leaves elementwise ops alone
 
 
+def reverse_loop(sampler: Sampler, noise: NoiseSource, step: Callable[[int, torch.Tensor, torch.Tensor | None],
+                                                                     torch.Tensor]) -> torch.Tensor:
+    """Algorithm 2 of Ho et al. for any sampler: x_T = init_noise_sigma * z, then for each step i the
+    noise z it adds (if any) and `step(i, x, z)`, which calls the model and the sampler's step
+    (`reverse_step`, wrapped by `generate`). Returns x after the last step, unclamped."""
+    x = noise.initial()  # z ~ N(0, I)
+    if sampler.init_noise_sigma != 1:
+        x = x * sampler.init_noise_sigma  # x_T in the sigma view
+    sampler.start(x)
+    for i in range(sampler.num_steps):
+        z = noise.next() if sampler.needs_noise[i] else None
+        x = step(i, x, z)
+    return x
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: the loop only ever reads the model
 def generate(
     model: nn.Module,
@@ -53,31 +67,29 @@ def generate(
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 for one batch: float32 (B, 1, 28, 28) in [-1, 1].
 
-    The one loop over the steps: x_T = init_noise_sigma * z, then each step's model call and
-    sampler step (`reverse_step`). `on_step(i, t, x, model_output)` sees each step (for
-    trajectories); `progress(1)` follows each (a tqdm bar's update). `static=True` runs the steps
-    on fixed buffers (`FixedBuffers`), which on CUDA replays one captured CUDA graph per step; the
+    `reverse_loop`, with what wraps each step around it: `on_step(i, t, x, model_output)` sees each
+    step (for trajectories); `progress(1)` follows each (a tqdm bar's update); the CPU threads
+    follow what else keeps the machine busy (`Runtime.share_cpu`). `static=True` runs the steps on
+    fixed buffers (`FixedBuffers`), which on CUDA replays one captured CUDA graph per step; the
     images are the same as without it, up to float rounding. A result that is not finite is a
     UserError (`finite`)."""
-    x = noise.initial()  # z ~ N(0, I)
-    if sampler.init_noise_sigma != 1:
-        x = x * sampler.init_noise_sigma  # x_T in the sigma view
-    sampler.start(x)
-    fixed = FixedBuffers(model, sampler, x, runtime) if static and on_step is None else None
+    fixed = FixedBuffers(model, sampler, runtime) if static and on_step is None else None
+
+    def step(i: int, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        if fixed is not None:
+            x_next = fixed.step(i, x, z)
+        else:
+            x_next, output = reverse_step(model, sampler, i, x, z)
+            if on_step is not None:
+                on_step(i, sampler.timesteps[i], x, output)
+        if progress is not None:
+            progress(1)
+        runtime.share_cpu()
+        return x_next
+
     # eager: one autocast context for the whole loop, so the weights are cast to bf16 once
     with autocast(runtime) if fixed is None else contextlib.nullcontext():
-        for i in range(sampler.num_steps):
-            z = noise.next() if sampler.needs_noise[i] else None
-            if fixed is not None:
-                x = fixed.step(i, z)
-            else:
-                x_next, output = reverse_step(model, sampler, i, x, z)
-                if on_step is not None:
-                    on_step(i, sampler.timesteps[i], x, output)
-                x = x_next
-            if progress is not None:
-                progress(1)
-            runtime.share_cpu()
+        x = reverse_loop(sampler, noise, step)
     return finite(x).clamp(-1, 1)
 
 
@@ -138,20 +150,18 @@ class FixedBuffers:
 
     The reverse loop of a small U-Net is launch-bound on a GPU: about a hundred small kernels per
     step, a thousand steps. Replaying a graph launches them all at once. Only the inputs change
-    between steps, and they are copied into the buffers: i (which picks t and the coefficients on
-    the device), and z, drawn outside the graph by the per-image generators, so seeded runs stay
-    reproducible; a multistep sampler's state is its own fixed buffer. Elsewhere the same body
-    runs eagerly (this is what the CPU tests exercise).
+    between steps, and they are copied into the buffers: i (which picks t and the per-step values
+    on the device), and z, drawn outside the graph by the per-image generators, so seeded runs
+    stay reproducible; a multistep sampler's state is its own fixed buffer. Elsewhere the same body
+    runs eagerly (this is what the CPU tests exercise). The buffers take x_T at the first step.
     """
 
-    def __init__(self, model: nn.Module, sampler: Sampler, x_T: torch.Tensor, runtime: Runtime):
+    def __init__(self, model: nn.Module, sampler: Sampler, runtime: Runtime):
         self.model, self.sampler, self.runtime = model, sampler, runtime
-        self.x = x_T.clone()
-        self.z = torch.zeros_like(x_T)
-        self.i = torch.zeros(1, dtype=torch.long, device=x_T.device)
+        self.x: torch.Tensor | None = None
+        self.z: torch.Tensor | None = None
+        self.i: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        if x_T.device.type == "cuda":
-            self._capture()
 
     def _body(self) -> None:
         with autocast(self.runtime, cache_enabled=False):  # no autocast cache inside a graph
@@ -159,8 +169,12 @@ class FixedBuffers:
             x_next, _ = reverse_step(self.model, self.sampler, self.i, self.x, self.z)
         self.x.copy_(x_next)
 
-    def _capture(self) -> None:
-        x_T = self.x.clone()
+    def _start(self, x_T: torch.Tensor) -> None:
+        """The buffers, from x_T (the sampler has started from it); on CUDA, the captured graph."""
+        self.x, self.z = x_T.clone(), torch.zeros_like(x_T)
+        self.i = torch.zeros(1, dtype=torch.long, device=x_T.device)
+        if x_T.device.type != "cuda":
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocator, cuDNN choices) outside the graph
@@ -173,8 +187,11 @@ class FixedBuffers:
         self.x.copy_(x_T)  # the warm-up and capture ran steps: start again from x_T
         self.sampler.start(self.x)  # in place: the graph keeps the state's address
 
-    def step(self, i: int, z: torch.Tensor | None) -> torch.Tensor:
-        """Run step i (z: its noise, or None); returns a copy of x after it."""
+    def step(self, i: int, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """Run step i from x (read at the first step only: after it, x is the buffer's own) with z,
+        its noise or None; returns a copy of x after it."""
+        if i == 0:
+            self._start(x)
         self.i.fill_(i)
         if z is not None:
             self.z.copy_(z)
@@ -188,13 +205,13 @@ class FixedBuffers:
 
 
 @dataclass
-class Sampling:
-    """A checkpoint made ready to sample: its config (with sample-time options), model and reverse sampler."""
+class SamplingJob:
+    """A checkpoint made ready to sample: its config (with sample-time options), model and sampler."""
 
     cfg: Config
     step: int
     model: nn.Module
-    reverse: Sampler
+    sampler: Sampler
     runtime: Runtime
     static: bool  # run the steps on fixed buffers (CUDA graphs on CUDA)
     note: str  # one line: what is sampled, how, where
@@ -209,13 +226,13 @@ class Sampling:
         batch_size = min(batch_size, n)  # a batch larger than n: one batch of n (compiled for n, filled to n)
         self.compile_now(batch_size)
         batches = math.ceil(n / batch_size)
-        with tqdm(total=self.reverse.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
+        with tqdm(total=self.sampler.num_steps * batches, unit="step", dynamic_ncols=True, desc=desc) as bar:
             for first in range(0, n, batch_size):
                 last = min(first + batch_size, n)
                 indices = range(first, first + batch_size if self.compiled else last)  # images past n: dropped
                 noise = NoiseSource(seed, indices, self.runtime.device)
                 model = for_images(self.model, self.cfg, indices, self.runtime.device)
-                x = generate(model, self.reverse, noise, self.runtime, on_step=on_step if first == 0 else None,
+                x = generate(model, self.sampler, noise, self.runtime, on_step=on_step if first == 0 else None,
                              progress=bar.update, static=self.static)
                 yield first, to_uint8(x[: last - first].cpu())
 
@@ -269,30 +286,27 @@ def sampling_memory_bytes(model_cfg: ModelConfig, batch_size: int, images_kept: 
 
 
 def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[str] | None = None,
-                     device_name: str | None = None, *, contents: dict[str, Any] | None = None) -> Sampling:
-    """Load a checkpoint (safely; `contents` when the caller has loaded it), apply the request and
-    the `--set` overrides to its config (`sampling_config`), and build the model (EMA or raw weights
-    per `sample.use_ema`) and the reverse sampler per the `sample` section."""
-    state = contents if contents is not None else ckpt.load_checkpoint(ckpt_path)
-    cfg = sampling_config(state, ckpt_path, request, overrides)
+                     device_name: str | None = None, *, checkpoint: ckpt.Checkpoint | None = None) -> SamplingJob:
+    """Load a checkpoint (`checkpoint.load`, unless the caller has), apply the request and the
+    `--set` overrides to its config (`sampling_config`), and build the model (EMA or raw weights
+    per `sample.use_ema`) and the sampler per the `sample` section."""
+    checkpoint = checkpoint or ckpt.load(ckpt_path)
+    cfg = sampling_config(checkpoint, request, overrides)
     s = cfg.sample
     runtime = setup_runtime(cfg.runtime, device_name)
-    model = ckpt.load_model(state, cfg, ckpt_path, s.use_ema)
-    reverse = sampler_for(cfg, runtime.device)
+    model = checkpoint.build_model(s.use_ema).to(runtime.device)
+    sampler = sampler_for(cfg, runtime.device)
     static = s.cuda_graph and runtime.device.type == "cuda"
-    which = "EMA" if s.use_ema else "raw"
     how = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
     how += ", Karras sigmas" if s.sigma_schedule == "karras" else ""
-    how += f", from {reverse.init_noise_sigma:.4g} z" if reverse.init_noise_sigma != 1 else ""
-    weights = state.get("source") or f"{which} weights of step {state['step']:,}"
-    model = model.to(runtime.device)
+    how += f", from {sampler.init_noise_sigma:.4g} z" if sampler.init_noise_sigma != 1 else ""
     cfg, batch = with_batch_size(model, cfg, runtime)
     model, eager, compiled = compiled_for(model, cfg, runtime)
-    calls = f" ({reverse.num_steps} model calls)" if reverse.num_steps != cfg.reverse_steps else ""
-    note = (f"{s.sampler}, {cfg.reverse_steps} steps{how}{calls}, seed {cfg.seed}, {weights}, "
+    calls = f" ({sampler.num_steps} model calls)" if sampler.num_steps != cfg.reverse_steps else ""
+    note = (f"{s.sampler}, {cfg.reverse_steps} steps{how}{calls}, seed {cfg.seed}, {checkpoint.describe(s.use_ema)}, "
             f"{runtime.device}, {runtime.precision_note}, {batch}" + (", CUDA graph" if static else "") + compiled
             + conditioning(cfg))
-    return Sampling(cfg, int(state["step"]), model, reverse, runtime, static, note, eager, bool(compiled))
+    return SamplingJob(cfg, checkpoint.step, model, sampler, runtime, static, note, eager, bool(compiled))
 
 
 @torch.inference_mode()
@@ -366,7 +380,7 @@ COMPILE_AUTO_IMAGE_STEPS = 300_000
 
 def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[nn.Module, nn.Module | None, str]:
     """(the model to sample with under sample.compile, the eager one to fall back to if an auto
-    compile fails (see `Sampling.compile_now`), and what the note line says). true compiles; auto
+    compile fails (see `SamplingJob.compile_now`), and what the note line says). true compiles; auto
     compiles a CPU job of at least COMPILE_AUTO_IMAGE_STEPS."""
     s = cfg.sample
     job = s.n * cfg.reverse_steps
@@ -379,18 +393,17 @@ def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[nn.Mo
 
 
 def sampling_configs(ckpt_path: Path, requests: list[SampleRequest], overrides: list[str] | None
-                     ) -> tuple[dict[str, Any], list[Config]]:
+                     ) -> tuple[ckpt.Checkpoint, list[Config]]:
     """Read the checkpoint once and check every request against it, before any sampling (a sweep's
-    settings): (its contents, for `prepare_sampling`, and one config per request)."""
-    state = ckpt.load_checkpoint(ckpt_path)
-    return state, [sampling_config(state, ckpt_path, request, overrides) for request in requests]
+    settings): (the checkpoint, for `prepare_sampling`, and one config per request)."""
+    checkpoint = ckpt.load(ckpt_path)
+    return checkpoint, [sampling_config(checkpoint, request, overrides) for request in requests]
 
 
-def sampling_config(state: dict[str, Any], ckpt_path: Path, request: SampleRequest,
-                    overrides: list[str] | None) -> Config:
+def sampling_config(checkpoint: ckpt.Checkpoint, request: SampleRequest, overrides: list[str] | None) -> Config:
     """The checkpoint's config with the request (flags) and `--set` overrides (sample.*, runtime.*
     and seed only), checked; a setting that would be ignored is refused."""
-    stored = ckpt.checkpoint_config(state, ckpt_path)
+    stored, where = checkpoint.config, checkpoint.path
     given = {key: f"--{key.replace('_', '-')}" for key in request.given()}
     given["digits"] = "--digit/--digits" if "digits" in given else None
     for item in overrides or []:
@@ -398,9 +411,9 @@ def sampling_config(state: dict[str, Any], ckpt_path: Path, request: SampleReque
         given[key.removeprefix("sample.")] = f"--set {key}"
     for key in ("digits", "guidance"):
         if given.get(key) and not stored.model.num_classes:
-            raise UserError(f"{given[key]}: {ckpt_path} holds an unconditional model (model.num_classes: 0); "
+            raise UserError(f"{given[key]}: {where} holds an unconditional model (model.num_classes: 0); "
                             "digits and guidance need one trained with model.num_classes: 10")
-    cfg = apply_overrides(stored, overrides or [], f"{ckpt_path} (its stored config)", allowed=SAMPLE_TIME_KEYS,
+    cfg = apply_overrides(stored, overrides or [], f"{where} (its stored config)", allowed=SAMPLE_TIME_KEYS,
                           check=False)  # --sampler euler --set sample.sigma_schedule=karras: checked together
     cfg = with_sample_options(cfg, request)
     if given.get("eta") and cfg.sample.sampler != "ddim":

@@ -19,7 +19,7 @@ from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import Stopped, UserError
 from ddpm_mnist.images import TRAJECTORY_IMAGES, TrajectoryRecorder, save_each, save_grid, save_tensor, strip_path
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, resolved
-from ddpm_mnist.sample import Sampling, prepare_sampling
+from ddpm_mnist.sample import SamplingJob, prepare_sampling
 
 GRID_MAX = 10_000  # images in a grid PNG (100 x 100 tiles); --images-dir and --tensor take every image
 
@@ -47,7 +47,7 @@ def sample_from_checkpoint(
     out = out or default_grid_path(ckpt_path, run.cfg)
     check_outputs(ckpt_path, out, images_dir, tensor_path, trajectory)
     run.check_memory(s.n, s.batch_size, images_kept=s.n if tensor_path is not None else min(s.n, GRID_MAX))
-    recorder = TrajectoryRecorder(run.reverse, min(TRAJECTORY_IMAGES, s.n)) if trajectory else None
+    recorder = TrajectoryRecorder(run.sampler, min(TRAJECTORY_IMAGES, s.n)) if trajectory else None
     print(f"sampling {s.n} images: {run.note}")
     started = time.perf_counter()
     grid, kept = stream(run, images_dir, tensor_path is not None, out, recorder)
@@ -65,7 +65,7 @@ def sample_from_checkpoint(
     return out
 
 
-def stream(run: Sampling, images_dir: Path | None, keep_all: bool, out: Path,
+def stream(run: SamplingJob, images_dir: Path | None, keep_all: bool, out: Path,
            recorder: TrajectoryRecorder | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Sample batch by batch, each batch to `images_dir` as soon as it is made; return the grid's
     images (its first GRID_MAX) and, with `keep_all`, every batch. Ctrl-C says what was kept."""

@@ -98,6 +98,8 @@ CSV_COLUMNS = {
     "sqrt_one_minus_alpha_bar": "sqrt_one_minus_alphas_cumprod",
     "posterior_variance": "posterior_variance",
     "snr": "snr",
+    "posterior_mean_coef1": "posterior_mean_coef1",
+    "posterior_mean_coef2": "posterior_mean_coef2",
 }
 
 

@@ -25,7 +25,7 @@ from ddpm_mnist.config import TIMESTEP_SPACINGS, Config, SampleRequest
 from ddpm_mnist.errors import UserError
 from ddpm_mnist.evaluate import Reference, evaluate, real_digits
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
-from ddpm_mnist.sample import Sampling, prepare_sampling, sampling_configs
+from ddpm_mnist.sample import SamplingJob, prepare_sampling, sampling_configs
 
 COLUMNS = ("fid_mnist", "confidence", "class_kl")
 MAX_SETTINGS = 64
@@ -109,7 +109,7 @@ def sweep(ckpt_path: Path, settings: list[SampleRequest], *, request: SampleRequ
     request = request or SampleRequest()
     if len(settings) > MAX_SETTINGS:
         raise UserError(f"--sweep: {len(settings)} settings; a sweep compares at most {MAX_SETTINGS}")
-    contents, configs = sampling_configs(ckpt_path, [request.merged(setting) for setting in settings], overrides)
+    checkpoint, configs = sampling_configs(ckpt_path, [request.merged(setting) for setting in settings], overrides)
     check_distinct_settings(settings, configs)
     first = configs[0]
     train_images, test_images = real_digits(data_root or first.data.root, first.data.download, first.sample.n)
@@ -117,7 +117,7 @@ def sweep(ckpt_path: Path, settings: list[SampleRequest], *, request: SampleRequ
     floor = reference.floor(first.sample.n, request.seed or 0, threshold=None)  # the same floor as ddpm eval's
     rows = []
     for setting in settings:  # one model at a time: a long sweep holds one setting's memory, not all of theirs
-        run = prepare_sampling(ckpt_path, request.merged(setting), overrides, device_name, contents=contents)
+        run = prepare_sampling(ckpt_path, request.merged(setting), overrides, device_name, checkpoint=checkpoint)
         run.check_memory(first.sample.n, run.cfg.sample.batch_size, images_kept=first.sample.n)
         rows.append(measure(run, setting, reference))
         print(format_row(rows[-1]))
@@ -150,7 +150,7 @@ def check_distinct_settings(settings: list[SampleRequest], configs: list[Config]
         seen[key] = label(setting)
 
 
-def measure(run: Sampling, setting: SampleRequest, reference: Reference) -> dict[str, Any]:
+def measure(run: SamplingJob, setting: SampleRequest, reference: Reference) -> dict[str, Any]:
     """One row: sample n images with this setting, time it, measure them."""
     s = run.cfg.sample
     started = time.perf_counter()
@@ -161,7 +161,7 @@ def measure(run: Sampling, setting: SampleRequest, reference: Reference) -> dict
     guided = {} if asked is None else {"guidance": s.guidance, "class_accuracy": metrics["class_accuracy"]}
     return {"setting": label(setting), "sampler": s.sampler, "steps": run.cfg.reverse_steps,
             "full_loop": run.cfg.reverse_steps == run.cfg.schedule.num_timesteps,
-            "timestep_spacing": s.timestep_spacing, "model_evaluations": run.reverse.num_steps,
+            "timestep_spacing": s.timestep_spacing, "model_evaluations": run.sampler.num_steps,
             **guided, **{key: metrics[key] for key in COLUMNS}, "seconds": round(seconds, 1)}
 
 

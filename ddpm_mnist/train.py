@@ -1,6 +1,6 @@
 """A training run: its folder, its processes and its device around the loop (`loop.py`).
 
-`train(cfg)` sets up torchrun's process group (when there is one) and the device, locks the run
+`run_training(cfg)` sets up torchrun's process group (when there is one) and the device, locks the run
 folder and applies --resume / --overwrite, then runs the loop of Algorithm 1. Ctrl-C or SIGTERM
 before the loop, or a second one within a step, stops at once with the last checkpoint kept.
 """
@@ -10,17 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddpm_mnist.checkpoint import Checkpoint, load
 from ddpm_mnist.device import setup_runtime
 from ddpm_mnist.distributed import Dist, close, gather, init_distributed, on_main
 from ddpm_mnist.errors import Stopped
 from ddpm_mnist.loop import Hooks, run_steps
-from ddpm_mnist.runfolder import Resume, RunFolder
+from ddpm_mnist.runfolder import RunFolder
 
 if TYPE_CHECKING:
     from ddpm_mnist.config import Config
 
 
-def train(
+def run_training(
     cfg: Config, *, hooks: Hooks | None = None, resume: bool = False, overwrite: bool = False,
     device_name: str | None = None, change_world_size: bool = False, config_file: Path | None = None,
 ) -> Path:
@@ -51,15 +52,15 @@ def train(
 
 
 def open_run(folder: RunFolder, cfg: Config, ddp: Dist, resume: bool, overwrite: bool,
-             config_file: Path | None = None) -> Resume | None:
+             config_file: Path | None = None) -> Checkpoint | None:
     """Rank 0 locks the folder and applies --resume / --overwrite; every rank gets the checkpoint to resume."""
 
-    def prepare() -> Resume | None:
+    def prepare() -> Checkpoint | None:
         folder.lock()
         return folder.prepare(cfg, resume, overwrite, config_file)
 
     found = on_main(ddp, prepare)
     chosen = gather(ddp, None if found is None else str(found.path))[0]
     if chosen is not None and found is None:  # the other ranks read the file rank 0 chose
-        found = Resume.read(chosen)
+        found = load(chosen)
     return found

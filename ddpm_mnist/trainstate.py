@@ -2,7 +2,10 @@
 
 `setup_training` builds a run's fixed parts (its data and noise schedule) and its `TrainState`:
 the model, its EMA, the optimiser, the lr schedule, this process's noise generator and the step.
-`checkpoint.py` saves and restores the state whole; `loop.py` steps it.
+`checkpoint.py` saves and restores the state whole; `loop.py` steps it. The time budget lives here
+whole: the clock that fixes a run's length from its measured step rate (`StepBudget`), the config
+of a run whose length is fixed (`with_fixed_length`), and the length a resumed run keeps
+(`length_from_checkpoint`); the loop reads them (`loop.read_budget`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from torch.optim.swa_utils import AveragedModel
 
 from ddpm_mnist.config import Config, TrainConfig, duration_seconds
 from ddpm_mnist.data import EpochBatches, load_mnist
+from ddpm_mnist.errors import RunError, note
 from ddpm_mnist.maths.schedule import NoiseSchedule, make_schedule
 from ddpm_mnist.maths.unet import UNet, parameter_groups
 from ddpm_mnist.rng import MODEL_INIT, TRAIN_NOISE, derive_seed
 
 if TYPE_CHECKING:
+    from ddpm_mnist.checkpoint import Checkpoint
     from ddpm_mnist.device import Runtime
 
 
@@ -150,6 +155,29 @@ class StepBudget:
 def with_fixed_length(cfg: Config, steps: int) -> Config:
     """The config of a budgeted run once its length is fixed: train.steps set, the budget spent."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, time_budget=""))
+
+
+def length_from_checkpoint(cfg: Config, resume_from: Checkpoint | None, say: bool) -> Config:
+    """A budgeted run resumed after its length was fixed keeps that length (from its checkpoint's
+    config); a budget other than the one that fixed it is said not to apply (when `say`). A run
+    trained by steps or epochs cannot take a budget on resume."""
+    if not cfg.train.time_budget or resume_from is None:
+        return cfg
+    stored = resume_from.config
+    if not stored.train.steps:
+        return cfg  # stopped before its budget fixed the length: the budget measures anew
+    fixed_by = resume_from.time_budget  # None: a checkpoint from before budgets were recorded
+    if fixed_by == "":
+        raise RunError(
+            f"--resume: this run trains by steps (train.steps: {stored.train.steps:,}), and a time budget "
+            f"({cfg.train.time_budget}) only applies to a run that starts with one: resume with "
+            "--set train.time_budget='' (and --set train.steps=N to train longer)"
+        )
+    if say and fixed_by is not None and fixed_by != cfg.train.time_budget:
+        note(f"--resume: this run's length was fixed at {stored.train.steps:,} steps by its time budget "
+              f"{fixed_by}; the budget {cfg.train.time_budget} given now does not apply "
+              "(to train longer, resume with --set train.steps=N)")
+    return with_fixed_length(cfg, stored.train.steps)
 
 
 def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int) -> TrainState:

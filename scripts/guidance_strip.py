@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.checkpoint import load
 from ddpm_mnist.config import SampleRequest
 from ddpm_mnist.data import to_model_range
 from ddpm_mnist.errors import UserError
@@ -37,14 +37,14 @@ def main() -> int:
     try:
         ensure_writable(check_suffix(args.out, "--out", (".png",)))
         check_paths({"--out": args.out}, inputs={"--ckpt": args.ckpt})
-        contents = load_checkpoint(args.ckpt)
+        checkpoint = load(args.ckpt)
         options = [SampleRequest(guidance=weight, n=10, seed=args.seed, sampler=args.sampler, steps=args.steps)
                    for weight in parse_guidance(args.guidance)]
         for option in options:  # every weight is checked before the first row is sampled
-            sampling_config(contents, args.ckpt, option, None)
+            sampling_config(checkpoint, option, None)
         rows = []
         for option in options:
-            run = prepare_sampling(args.ckpt, option, contents=contents)
+            run = prepare_sampling(args.ckpt, option, checkpoint=checkpoint)
             rows.append(run.images(10, run.cfg.seed, 10, desc=f"W={option.guidance:g}"))
             print(f"W = {option.guidance:g}: {run.note}")
         save_grid(to_model_range(torch.cat(rows)), args.out, nrow=10)

@@ -37,11 +37,11 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke run trained once per session (20 steps); tests must not modify its checkpoint."""
     from ddpm_mnist.previews import training_hooks
-    from ddpm_mnist.train import train
+    from ddpm_mnist.train import run_training
 
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", "train.sample_every=0"])
-    return train(cfg, hooks=training_hooks(cfg))
+    return run_training(cfg, hooks=training_hooks(cfg))
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ from conftest import FIXTURE_ROOT, SMOKE
 
 from ddpm_mnist.config import Config, apply_overrides
 from ddpm_mnist.previews import training_hooks
-from ddpm_mnist.train import train
+from ddpm_mnist.train import run_training
 
 
 def smoke_run(cfg: Config, *overrides: str, **kwargs: object) -> Path:
     """Train configs/smoke.yaml (with overrides) with the CLI's preview and metric hooks; return the run folder."""
     cfg = apply_overrides(cfg, list(overrides))
-    return train(cfg, hooks=training_hooks(cfg), **kwargs)
+    return run_training(cfg, hooks=training_hooks(cfg), **kwargs)
 
 
 def weights(run_dir: Path, name: str = "latest.pt") -> dict[str, torch.Tensor]:
@@ -47,7 +47,7 @@ def step_at(sampler, model_output, t: int, x_t, noise=None):
     """One step of a sampler from timestep t, as diffusers' `scheduler.step(model_output, t, sample)`
     (the package steps by index i; a multistep sampler starts afresh at its first timestep)."""
     i = sampler.timesteps.tolist().index(int(t))
-    if i == 0 or getattr(sampler, "previous", 0) is None:
+    if i == 0 or getattr(sampler, "x0_hat_last", 0) is None:
         sampler.start(x_t)
     return sampler.step(i, model_output, x_t, noise if sampler.needs_noise[i] else None)
 

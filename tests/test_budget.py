@@ -10,7 +10,7 @@ import torch
 from conftest import SMOKE, run_cli
 from helpers import smoke_run, weights
 
-from ddpm_mnist.checkpoint import checkpoint_config, load_checkpoint
+from ddpm_mnist.checkpoint import load
 from ddpm_mnist.config import Config, TrainConfig, duration_seconds, load_config
 from ddpm_mnist.errors import RunError
 from ddpm_mnist.trainstate import StepBudget
@@ -126,13 +126,13 @@ def test_the_length_is_fixed_corrected_once_and_recorded(smoke_cfg: Config, caps
     fixed_lines = re.findall(r"time budget [^:]*: (corrected to )?([0-9,]+) steps", out.err + out.out)
     assert [corrected for corrected, _ in fixed_lines] == ["", "corrected to "], out  # never measured again
     steps = int(fixed_lines[-1][1].replace(",", ""))
-    state = load_checkpoint(run / "checkpoints" / "latest.pt")
-    assert state["step"] == steps
-    stored = checkpoint_config(state, run / "checkpoints" / "latest.pt")
+    checkpoint = load(run / "checkpoints" / "latest.pt")
+    assert checkpoint.step == steps
+    stored = checkpoint.config
     assert stored.train.steps == steps and stored.train.time_budget == ""
     assert load_config(run / "config.yaml").train.steps == steps  # config.yaml was rewritten with the length
     # the cosine was laid out over the fixed length: it ends at lr * min_lr_ratio, not near lr
-    lr = state["optimizer"]["param_groups"][0]["lr"]
+    lr = checkpoint.contents["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(smoke_cfg.train.lr * smoke_cfg.train.min_lr_ratio)
     assert re.search(r"done: [0-9,]+ steps in 0:0[0-9] of a 0:06 budget \([+-][0-9.]+%\)", out.out), out.out
 
@@ -142,7 +142,7 @@ def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, mo
     straight = budget_run(smoke_cfg, "straight", monkeypatch)
     out = capsys.readouterr()
     fixed_at = int(re.findall(r"over steps 5 to ([0-9,]+)\)", out.err + out.out)[-1].replace(",", ""))  # corrected
-    total = load_checkpoint(straight / "checkpoints" / "latest.pt")["step"]
+    total = load(straight / "checkpoints" / "latest.pt").step
     # the first checkpoint after the length was fixed, with steps still to go
     candidates = [s for s in range(fixed_at + 1, total) if (straight / "checkpoints" / f"step_{s:09d}.pt").exists()]
     assert candidates, (fixed_at, total)
@@ -155,7 +155,7 @@ def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, mo
     shutil.copyfile(checkpoints / f"step_{candidates[0]:09d}.pt", checkpoints / "latest.pt")
     # resumed with the same config the user gave (a budget, steps 0): the checkpoint's length wins
     budget_run(smoke_cfg, "halves", monkeypatch, resume=True)
-    assert load_checkpoint(checkpoints / "latest.pt")["step"] == total
+    assert load(checkpoints / "latest.pt").step == total
     a, b = weights(straight), weights(halves)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -164,7 +164,7 @@ def test_resume_after_the_length_is_fixed_is_exact(smoke_cfg: Config, capsys, mo
 @pytest.mark.slow
 def test_a_budget_on_resume_applies_or_says_why_not(smoke_cfg: Config, capsys, monkeypatch) -> None:
     run = budget_run(smoke_cfg, "fixed", monkeypatch)
-    total = load_checkpoint(run / "checkpoints" / "latest.pt")["step"]
+    total = load(run / "checkpoints" / "latest.pt").step
     capsys.readouterr()
     # another budget for a run whose length its first budget fixed: said in one line, the length kept
     smoke_run(smoke_cfg, *BUDGET, "name=fixed", "train.time_budget=1h", resume=True)

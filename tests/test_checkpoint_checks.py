@@ -21,7 +21,7 @@ import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import one_line_error
 
-from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.checkpoint import load
 from ddpm_mnist.errors import CheckpointError
 
 pytestmark = pytest.mark.slow  # every test reads the session's trained smoke run
@@ -141,7 +141,7 @@ def test_crafted_optimiser_state_is_refused_naming_the_field(trained_run: Path, 
                                                              says: str) -> None:
     path = crafted(trained_run, tmp_path, change)
     with pytest.raises(CheckpointError, match=r"^.*crafted\.pt: ") as caught:
-        load_checkpoint(path)
+        load(path)
     assert says in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -173,12 +173,12 @@ def test_crafted_schedule_rng_and_counters_are_refused(trained_run: Path, tmp_pa
     def change(state: dict) -> None:
         state[field] = value
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(crafted(trained_run, tmp_path, change))
+        load(crafted(trained_run, tmp_path, change))
     assert says in str(caught.value)
 
 
 def test_the_trained_checkpoint_passes_every_check(trained_run: Path) -> None:
-    state = load_checkpoint(latest(trained_run))
+    state = load(latest(trained_run)).contents
     assert state["step"] == 20 and set(state["optimizer"]) == {"state", "param_groups"}
 
 

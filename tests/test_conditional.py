@@ -32,11 +32,11 @@ CPU = torch.device("cpu")
 def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A conditional smoke run trained once per session (20 steps); tests must not modify it."""
     from ddpm_mnist.previews import training_hooks
-    from ddpm_mnist.train import train
+    from ddpm_mnist.train import run_training
 
     out = tmp_path_factory.mktemp("conditional")
     cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", "train.sample_every=0", *CONDITIONAL])
-    return train(cfg, hooks=training_hooks(cfg))
+    return run_training(cfg, hooks=training_hooks(cfg))
 
 
 def conditional_model() -> UNet:

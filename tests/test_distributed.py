@@ -13,7 +13,7 @@ import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE
 from helpers import smoke_run, train_args, weights
 
-from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.checkpoint import load
 from ddpm_mnist.config import Config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -42,7 +42,7 @@ def test_two_processes_train_one_model_and_one_writes(tmp_path: Path) -> None:
         "latest.pt", "step_000000006.pt", "step_000000012.pt"]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one event file, in the run folder
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000000006.png", "step_000000012.png"]
-    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    state = load(run_dir / "checkpoints" / "latest.pt").contents
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     # each rank's noise stream is its own
     assert not torch.equal(state["rng"][0]["train"], state["rng"][1]["train"])
@@ -82,9 +82,9 @@ def test_resuming_on_another_process_count_is_refused_unless_asked(smoke_cfg: Co
     says = ("the run was trained by 1 process(es) and this is 2: the effective batch would go from 32 to 64, "
             "an epoch from 31 to 15 steps")
     assert says in refused.stderr, refused.stderr[-2000:]
-    assert load_checkpoint(smoke_cfg.run_dir / "checkpoints" / "latest.pt")["step"] == 4
+    assert load(smoke_cfg.run_dir / "checkpoints" / "latest.pt").step == 4
     allowed = subprocess.run([*command, "--change-world-size"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert "note: resuming a 1-process run on 2" in allowed.stderr
-    assert load_checkpoint(smoke_cfg.run_dir / "checkpoints" / "latest.pt")["world_size"] == 2
+    assert load(smoke_cfg.run_dir / "checkpoints" / "latest.pt").world_size == 2

@@ -16,7 +16,7 @@ from conftest import FIXTURE_ROOT, SMOKE, run_cli
 from helpers import digest, one_line_error, smoke_run
 from safetensors.torch import save_file
 
-from ddpm_mnist.checkpoint import checkpoint_config, load_checkpoint, load_model
+from ddpm_mnist.checkpoint import load
 from ddpm_mnist.config import Config, ModelConfig, load_config
 from ddpm_mnist.diffusers_format import to_diffusers, unet_config
 from ddpm_mnist.maths.schedule import make_schedule
@@ -51,9 +51,9 @@ def export(capsys, ckpt: Path, out: Path, *more: str) -> None:
 def test_diffusers_loads_the_folder_and_computes_our_unets_output(runs, tmp_path: Path, capsys, kind: str) -> None:
     ckpt = runs[kind]
     export(capsys, ckpt, tmp_path / "pipe")
-    state = load_checkpoint(ckpt)
-    cfg = checkpoint_config(state, ckpt)
-    ours = load_model(state, cfg, ckpt, use_ema=True)
+    checkpoint = load(ckpt)
+    cfg = checkpoint.config
+    ours = checkpoint.build_model(use_ema=True)
     unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
     torch.manual_seed(0)
     x, t = torch.randn(6, 1, 28, 28), torch.randint(0, 1000, (6,))
@@ -142,14 +142,14 @@ def test_an_export_read_back_samples_the_same_bytes(runs, tmp_path: Path, capsys
 def test_the_weights_file_holds_the_ema_weights_and_the_config(runs, tmp_path: Path, capsys) -> None:
     out = tmp_path / "w.safetensors"
     export(capsys, runs["v"], out, "--format", "safetensors")
-    state = load_checkpoint(runs["v"])
-    read = load_checkpoint(out)
-    assert read["config"] == state["config"] and read["step"] == state["step"]
-    assert read["ema"].keys() == state["ema"].keys()
-    assert all(torch.equal(read["ema"][k], state["ema"][k]) for k in state["ema"])
+    trained, read = load(runs["v"]), load(out)
+    assert read.config == trained.config and read.step == trained.step
+    assert read.weights(use_ema=True).keys() == trained.weights(use_ema=True).keys()
+    assert all(torch.equal(read.weights(use_ema=True)[k], v) for k, v in trained.weights(use_ema=True).items())
     raw = tmp_path / "raw.safetensors"
     export(capsys, runs["v"], raw, "--format", "safetensors", "--no-ema")
-    assert all(torch.equal(load_checkpoint(raw)["ema"][k], state["model"][k]) for k in state["model"])
+    exported_raw = load(raw).weights(use_ema=True)
+    assert all(torch.equal(exported_raw[k], v) for k, v in trained.weights(use_ema=False).items())
 
 
 def test_bad_exports_are_one_line_and_write_nothing(runs, smoke_cfg: Config, tmp_path: Path, capsys) -> None:
@@ -195,7 +195,7 @@ def test_folders_and_files_that_do_not_fit_are_one_line(runs, tmp_path: Path, ca
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "pipe", "--n", "1", "--out", tmp_path / "g.png")
     one_line_error(code, err, "not a readable safetensors file")
-    state = load_checkpoint(runs["epsilon"])
+    state = load(runs["epsilon"]).contents
     for metadata, says in (({"format": "ddpm-mnist-weights", "config": "{", "step": "4"}, "config or step"),
                            ({"format": "ddpm-mnist-weights", "config": json.dumps({"model": {"base_channels": -1}}),
                              "step": "4"}, "model.base_channels: must be >= 1"),
@@ -229,7 +229,7 @@ def test_overwrite_replaces_only_an_earlier_export(runs, tmp_path: Path, capsys)
     one_line_error(code, err, "did not write (unet/extra.json)")
     (tmp_path / "pipe" / "unet" / "extra.json").unlink()
     export(capsys, runs["v"], tmp_path / "pipe", "--overwrite")
-    assert load_checkpoint(tmp_path / "pipe")["config"]["model"]["prediction_type"] == "v"
+    assert load(tmp_path / "pipe").config.model.prediction_type == "v"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     export(capsys, runs["epsilon"], tmp_path / "w.safetensors", "--format", "safetensors")
     export(capsys, runs["v"], tmp_path / "w.safetensors", "--format", "safetensors", "--overwrite")
@@ -275,8 +275,7 @@ def test_cosine_schedules_diffusers_has_no_name_for_read_back(smoke_cfg: Config,
     run = smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0", "schedule.beta_schedule=cosine", *sets)
     ckpt = run / "checkpoints" / "latest.pt"
     export(capsys, ckpt, tmp_path / "pipe")
-    trained, read = checkpoint_config(load_checkpoint(ckpt), ckpt), load_checkpoint(tmp_path / "pipe")
-    schedule = checkpoint_config(read, tmp_path / "pipe").schedule
+    trained, schedule = load(ckpt).config, load(tmp_path / "pipe").config.schedule
     assert schedule.max_beta == trained.schedule.max_beta
     assert schedule.cosine_s == pytest.approx(trained.schedule.cosine_s, rel=1e-9)
     ours = make_schedule(trained.schedule).betas.double()
@@ -339,7 +338,7 @@ def test_deeply_nested_json_is_one_line(runs, tmp_path: Path, capsys) -> None:
     (folder / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     code, _, err = run_cli(capsys, "sample", "--ckpt", folder, "--n", "1", "--out", tmp_path / "g.png")
     one_line_error(code, err, "nested too deeply")
-    state = load_checkpoint(runs["epsilon"])
+    state = load(runs["epsilon"]).contents
     hostile = tmp_path / "deep.safetensors"
     save_file(state["ema"], hostile, metadata={"format": "ddpm-mnist-weights", "config": "[" * 100_000, "step": "1"})
     code, _, err = run_cli(capsys, "sample", "--ckpt", hostile, "--n", "1", "--out", tmp_path / "g.png")

@@ -19,7 +19,7 @@ from helpers import cpu_burner, digest, fill, one_line_error, smoke_run, train_a
 
 import ddpm_mnist.checkpoint as checkpoint_module
 import ddpm_mnist.loop as loop
-from ddpm_mnist.checkpoint import load_checkpoint
+from ddpm_mnist.checkpoint import load
 from ddpm_mnist.config import SECTIONS, Config, apply_overrides, config_from_dict
 from ddpm_mnist.errors import CheckpointError, ConfigError, RunError, UserError
 
@@ -64,13 +64,13 @@ def sigkill_and_resume(smoke_cfg: Config, tmp_path: Path) -> None:
         time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        state = load_checkpoint(latest)  # whole, whenever the kill landed
+        state = load(latest).contents  # whole, whenever the kill landed
         steps_at_kill.append(state["step"])
     assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < 16, steps_at_kill
     finish = subprocess.run([*train_command(out, *sets), "--resume"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr[-2000:]
-    assert load_checkpoint(latest)["step"] == 16
+    assert load(latest).step == 16
     a, b = weights(straight), weights(out / "smoke")
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -89,7 +89,7 @@ def test_a_crash_while_writing_never_touches_the_previous_checkpoint(smoke_cfg: 
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_000000020.pt: No space left on device"):
         smoke_run(smoke_cfg, "train.steps=20", "train.sample_every=0", resume=True)
     assert digest(run_dir / "checkpoints" / "latest.pt") == before
-    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 10
+    assert load(run_dir / "checkpoints" / "latest.pt").step == 10
     assert not list((run_dir / "checkpoints").glob(".*"))  # no temporary files left behind
 
 
@@ -152,11 +152,11 @@ def test_nan_gradient_with_a_finite_loss(smoke_cfg: Config, monkeypatch, policy:
     if policy == "stop":
         with pytest.raises(RunError, match="between steps 11 and 15"):
             smoke_run(smoke_cfg)
-        state = load_checkpoint(smoke_cfg.run_dir / "checkpoints" / "latest.pt")
+        state = load(smoke_cfg.run_dir / "checkpoints" / "latest.pt").contents
         assert state["step"] == 10
     else:
         run_dir = smoke_run(smoke_cfg, "train.nan_policy=skip")
-        state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+        state = load(run_dir / "checkpoints" / "latest.pt").contents
         assert state["step"] == 20 and state["ema_num_averaged"] == 19
     for part in ("model", "ema"):
         assert all(torch.isfinite(v).all() for v in state[part].values()), part
@@ -255,12 +255,12 @@ def test_training_onto_a_full_disk_keeps_the_last_checkpoint(small_disk, capsys)
     line = one_line_error(code, err, "cannot write checkpoint")
     assert "No space left on device" in line
     checkpoints = disk / "smoke" / "checkpoints"
-    assert load_checkpoint(checkpoints / "latest.pt")["step"] == 10
+    assert load(checkpoints / "latest.pt").step == 10
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []
     fill(disk)
     code, _, err = run_cli(capsys, *args, "--resume")  # the event file cannot even be opened now
     one_line_error(code, err, "No space left on device")
-    assert load_checkpoint(checkpoints / "latest.pt")["step"] == 10
+    assert load(checkpoints / "latest.pt").step == 10
 
 
 @pytest.mark.slow

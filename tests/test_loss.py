@@ -50,7 +50,10 @@ def test_every_prediction_type_gets_the_same_x0_weighted_loss(prediction: str) -
     weighted = training_losses(Fixed(output), schedule, x0, t, noise, prediction, snr_gamma=5.0)
     x_t = schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0 + \
         schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise
-    x0_error = ((predict_x0(schedule, t, x_t, output, prediction) - x0) ** 2).mean(dim=(1, 2, 3))
+    sqrt_abar, sqrt_one_minus_abar = (values[t].view(-1, 1, 1, 1) for values in (
+        schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod))
+    x0_hat = predict_x0(sqrt_abar, sqrt_one_minus_abar, x_t, output, prediction)
+    x0_error = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
     abar = schedule.alphas_cumprod[t]
     torch.testing.assert_close(weighted, (abar / (1 - abar)).clamp(max=5.0) * x0_error, rtol=1e-4, atol=1e-6)
 

@@ -15,7 +15,7 @@ import torch
 from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import digest, one_line_error, smoke_run, train_args, weights
 
-from ddpm_mnist.checkpoint import load_checkpoint, numbered_checkpoints
+from ddpm_mnist.checkpoint import load, numbered_checkpoints
 from ddpm_mnist.config import Config
 from ddpm_mnist.errors import RunError, UserError
 from ddpm_mnist.paths import MANIFEST, recorded
@@ -80,7 +80,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(smoke_cfg: Config) -> No
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     smoke_run(smoke_cfg, "train.steps=2", "train.sample_every=0")  # the OS released the lock
-    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 2
+    assert load(run_dir / "checkpoints" / "latest.pt").step == 2
 
 
 def latest(run: Path) -> Path:
@@ -171,7 +171,7 @@ def test_run_folders_never_nest(tmp_path: Path, capsys) -> None:
     one_line_error(code, err, f"lies around {tmp_path / 'nA' / 'checkpoints'}, a folder ddpm-mnist writes")
     code, _, err = run_cli(capsys, *smoke_args(tmp_path / "nA" / "checkpoints" / "deeper", "c"))
     one_line_error(code, err, f"lies inside {tmp_path / 'nA' / 'checkpoints'}")
-    assert load_checkpoint(tmp_path / "nA" / "checkpoints" / "checkpoints" / "latest.pt")["step"] == 2
+    assert load(tmp_path / "nA" / "checkpoints" / "checkpoints" / "latest.pt").step == 2
 
 
 @pytest.mark.slow
@@ -196,7 +196,7 @@ def test_overwrite_deletes_exactly_what_the_manifest_lists(smoke_cfg: Config, tm
     code, _, err = run_cli(capsys, "sample", "--ckpt", latest(run), "--n", "2", "--steps", "2")
     assert code == 0, err  # its default grid goes to <run>/samples/ and is recorded too
     smoke_run(smoke_cfg, "train.steps=4", overwrite=True)
-    assert load_checkpoint(latest(run))["step"] == 4
+    assert load(latest(run)).step == 4
     assert not (run / "checkpoints" / "step_000000010.pt").exists() and not list((run / "samples").glob("ancestral*"))
     (run / "samples" / "notes.txt").write_text("mine\n")  # now a file of the user's
     with pytest.raises(UserError, match=r"did not write \(samples/notes.txt\)"):

@@ -11,121 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURE_ROOT, SMOKE, run_cli
-from helpers import digest, one_line_error, step_at
+from helpers import digest, one_line_error
 from PIL import Image
 
-from ddpm_mnist.config import SampleRequest, ScheduleConfig, load_config
-from ddpm_mnist.config.sampler_names import SAMPLER_NAMES
+from ddpm_mnist.config import SampleRequest, load_config
 from ddpm_mnist.images import load_samples
-from ddpm_mnist.maths.diffusion import spaced_timesteps
-from ddpm_mnist.maths.samplers import SAMPLERS, make_sampler
-from ddpm_mnist.maths.schedule import make_betas, make_schedule
+from ddpm_mnist.maths.samplers import SAMPLERS
 from ddpm_mnist.sample_files import sample_from_checkpoint
-
-PREDICTIONS = ["epsilon", "v", "x0"]
-DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
-
-
-def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(2, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(3))  # type: ignore[return-value]
-
-
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-@pytest.mark.parametrize("t", [999, 500, 1])
-def test_ancestral_step_matches_hand_computed_values(prediction: str, variance: str, t: int) -> None:
-    b = make_betas("linear", 1000)  # float64
-    abar = torch.cumprod(1 - b, 0)
-    x_t, output, z = inputs(t)
-    # Eq. (15) and its v and x0 counterparts, then Eq. (7), written out in float64
-    if prediction == "epsilon":
-        x0 = (x_t - (1 - abar[t]).sqrt() * output) / abar[t].sqrt()
-    elif prediction == "v":
-        x0 = abar[t].sqrt() * x_t - (1 - abar[t]).sqrt() * output
-    else:
-        x0 = output
-    x0 = x0.clamp(-1, 1)
-    mean = abar[t - 1].sqrt() * b[t] / (1 - abar[t]) * x0 + (1 - b[t]).sqrt() * (1 - abar[t - 1]) / (1 - abar[t]) * x_t
-    var = b[t] * (1 - abar[t - 1]) / (1 - abar[t]) if variance == "fixed_small" else b[t]
-    expected = mean + var.sqrt() * z
-    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000, prediction_type=prediction,
-                           variance_type=variance)
-    got = step_at(sampler, output.float(), t, x_t.float(), z.float())
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_unclipped_epsilon_step_is_algorithm_2_line_4() -> None:
-    """x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) + sigma_t z."""
-    b = make_betas("linear", 1000)
-    abar = torch.cumprod(1 - b, 0)
-    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000, clip_sample=False)
-    for t in (999, 300, 1):
-        x_t, eps, z = inputs(t)
-        sigma = (b[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt()
-        expected = (x_t - b[t] / (1 - abar[t]).sqrt() * eps) / (1 - b[t]).sqrt() + sigma * z
-        torch.testing.assert_close(step_at(sampler, eps.float(), t, x_t.float(), z.float()).double(), expected,
-                                   rtol=1e-5, atol=1e-4)
-
-
-def test_last_step_adds_no_noise_and_others_need_it() -> None:
-    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000)
-    assert sampler.timesteps[0] == 999 and sampler.timesteps[-1] == 0  # 0-indexed, T-1 down to 0
-    assert sampler.needs_noise == [True] * 999 + [False]
-    x_t, out, z = (v.float() for v in inputs(0))
-    assert torch.equal(sampler.step(999, out, x_t, z), sampler.step(999, out, x_t, None))  # z is not used
-    assert not torch.equal(sampler.step(994, out, x_t, z), sampler.step(994, out, x_t, None))
-
-
-def test_ddim_with_eta_1_on_every_step_is_the_ancestral_step() -> None:
-    """Song et al.: eta = 1 over all T steps gives DDPM's posterior with beta-tilde (no clipping)."""
-    schedule = make_schedule(ScheduleConfig())
-    ddpm = make_sampler("ancestral", schedule, 1000, clip_sample=False)
-    ddim = make_sampler("ddim", schedule, 1000, eta=1.0, clip_sample=False)
-    for t in (999, 400, 3):
-        x_t, out, z = (v.float() for v in inputs(t))
-        torch.testing.assert_close(step_at(ddim, out, t, x_t, z), step_at(ddpm, out, t, x_t, z), rtol=1e-4, atol=1e-4)
-
-
-def test_ddim_eta_0_is_deterministic_and_respaced() -> None:
-    sampler = make_sampler("ddim", make_schedule(ScheduleConfig()), 50)
-    assert sampler.timesteps.tolist() == spaced_timesteps(1000, 50) == list(range(980, -1, -20))
-    assert not any(sampler.needs_noise)
-
-
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-@pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("steps", [1000, 50])
-def test_ancestral_step_agrees_with_diffusers(prediction: str, variance: str, clip: bool, steps: int) -> None:
-    diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=DIFFUSERS_PREDICTION[prediction],
-        variance_type=variance, clip_sample=clip,
-    )
-    theirs.set_timesteps(steps)
-    ours = make_sampler("ancestral", make_schedule(ScheduleConfig(beta_schedule="cosine")), steps,
-                        prediction_type=prediction, variance_type=variance, clip_sample=clip)
-    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
-    for t in (int(ours.timesteps[0]), int(ours.timesteps[len(ours.timesteps) // 2]), int(ours.timesteps[-1])):
-        x_t, out, _ = (v.float() for v in inputs(t))
-        expected = theirs.step(out, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
-        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
-        torch.testing.assert_close(step_at(ours, out, t, x_t, z), expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_step_agrees_with_diffusers(prediction: str, eta: float) -> None:
-    diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, prediction_type=DIFFUSERS_PREDICTION[prediction])
-    theirs.set_timesteps(20)
-    ours = make_sampler("ddim", make_schedule(ScheduleConfig()), 20, prediction_type=prediction, eta=eta)
-    for t in (int(ours.timesteps[0]), int(ours.timesteps[-1])):
-        x_t, out, _ = (v.float() for v in inputs(t))
-        expected = theirs.step(out, t, x_t, eta=eta, generator=torch.Generator().manual_seed(3)).prev_sample
-        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
-        torch.testing.assert_close(step_at(ours, out, t, x_t, z if eta else None), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -248,81 +140,6 @@ def test_unpickling_error_from_plain_pickle_is_reported(tmp_path: Path, capsys) 
     assert "error:" in expect_one_line_error(capsys, path)
 
 
-def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ddpm_mnist.config import ModelConfig
-    from ddpm_mnist.device import Runtime
-    from ddpm_mnist.maths.samplers import NoiseSource
-    from ddpm_mnist.maths.unet import UNet
-    from ddpm_mnist.sample import generate
-
-    torch.manual_seed(0)
-    model = UNet(ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[14],
-                             num_groups=4, dropout=0.0)).to(device).eval()
-    for p in model.parameters():  # give the zero-initialised layers weights: a model that does something
-        if p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.05)
-    sampler = make_sampler(sampler_kind, make_schedule(ScheduleConfig()).to(device), 25, device=device,
-                           eta=0.5 if sampler_kind == "ddim" else 0.0)
-    runtime = Runtime(device, None, "float32")
-    runs = [generate(model, sampler, NoiseSource(3, range(5), device), runtime, static=static)
-            for static in (False, True)]
-    return runs[0], runs[1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", SAMPLER_NAMES)
-def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
-    """On CPU the CUDA-graph path runs its step eagerly on the fixed buffers: same images."""
-    eager, static = static_vs_eager(torch.device("cpu"), kind)
-    torch.testing.assert_close(static, eager, rtol=0, atol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA-graph capture itself")
-@pytest.mark.parametrize("kind", SAMPLER_NAMES)
-def test_cuda_graph_replay_gives_the_eager_images(kind: str) -> None:
-    eager, graphed = static_vs_eager(torch.device("cuda"), kind)
-    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_x0_hat_at_the_cosine_schedules_last_step_does_not_cancel(prediction: str) -> None:
-    """abar is about 2.4e-9 at t = 999 of the cosine schedule: x0_hat = a x_t + b eps with a and b
-    near +-2e4 lost up to 7.6e-3 to cancellation. Against float64 from the same float32 inputs.
-
-    What remains (1.2e-4) is float32's own limit, as in diffusers: sqrt(1 - abar) = 1 - 1.2e-9 is
-    1.0 in float32, and 1.2e-9 |eps| / sqrt(abar) is about 1e-4."""
-    schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
-    sampler = make_sampler("ancestral", schedule, 1000, prediction_type=prediction, clip_sample=False)
-    abar = torch.cumprod(1 - make_betas("cosine", 1000), 0)[999]  # float64
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(64, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
-    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).float()  # a consistent x_t: the hard case
-    target = {"epsilon": eps, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "x0": x0}[prediction]
-    output = (target + 1e-6 * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
-    x, out = x_t.double(), output.double()
-    exact = {"epsilon": (x - (1 - abar).sqrt() * out) / abar.sqrt(),
-             "v": abar.sqrt() * x - (1 - abar).sqrt() * out, "x0": out}[prediction]
-    got = sampler.predict_x0(0, output, x_t).double()
-    assert (got - exact).abs().max() < 2.5e-4
-
-
-def test_a_respaced_schedule_keeps_the_originals_noise_levels() -> None:
-    from ddpm_mnist.maths.schedule import respace
-
-    schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
-    kept = sorted(spaced_timesteps(1000, 37))
-    spaced = respace(schedule, kept)
-    assert spaced.num_timesteps == 37
-    torch.testing.assert_close(spaced.alphas_cumprod, schedule.alphas_cumprod[kept], rtol=1e-5, atol=0)
-    # its posterior is that of the jump t_k -> t_(k-1), Eq. (7) with abar_prev = abar at t_(k-1)
-    abar, abar_prev = schedule.alphas_cumprod[kept[5]].double(), schedule.alphas_cumprod[kept[4]].double()
-    beta = 1 - abar / abar_prev
-    assert spaced.posterior_variance[5].item() == pytest.approx(float(beta * (1 - abar_prev) / (1 - abar)), rel=1e-4)
-    whole = respace(schedule, list(range(1000)))  # recomputed from the float32 betas: equal up to rounding
-    torch.testing.assert_close(whole.alphas_cumprod, schedule.alphas_cumprod, rtol=1e-4, atol=0)
-
-
 @pytest.mark.slow
 def test_a_format_1_checkpoint_samples_the_same_images_and_cannot_resume(trained_run: Path, tmp_path: Path,
                                                                          capsys) -> None:
@@ -364,8 +181,8 @@ def test_previews_use_the_configured_sampler_and_steps(sampler: str) -> None:
             torch.nn.init.normal_(p, std=0.05)
     samples = EMASamples(cfg)
     images = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
-    assert isinstance(samples._reverse, SAMPLERS[sampler])
-    assert samples._reverse.num_steps == 7
+    assert isinstance(samples._sampler, SAMPLERS[sampler])
+    assert samples._sampler.num_steps == 7
     again = samples(model, Runtime(torch.device("cpu"), None, "float32"), PREVIEW_NOISE, 3)
     assert torch.equal(images, again)  # the same noise at every call
 
@@ -389,17 +206,6 @@ def test_sample_help_shows_each_default(capsys, monkeypatch) -> None:
     assert code == 0
     assert "Number of images (default: sample.n, 64)" in out and "Reverse steps (default: sample.steps" in out
     assert not re.search(r"\w \.(\s|$)", out), out  # a word, a space, a full stop: a default was dropped
-
-
-def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
-    from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, max_steps, min_steps, model_calls
-
-    assert tuple(SAMPLERS) == SAMPLER_NAMES
-    schedule = make_schedule(ScheduleConfig(num_timesteps=10))
-    for name in SAMPLER_NAMES:
-        assert make_sampler(name, schedule, max_steps(name, 10)).num_steps == model_calls(name, max_steps(name, 10))
-        with pytest.raises(ValueError, match=f"{name} takes {min_steps(name)} to {max_steps(name, 10)} steps"):
-            make_sampler(name, schedule, max_steps(name, 10) + 1)
 
 
 @pytest.mark.slow
@@ -510,14 +316,14 @@ def test_sample_compile_auto_compiles_only_jobs_long_enough(monkeypatch, setting
 def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch, capsys) -> None:
     from ddpm_mnist.device import Runtime
     from ddpm_mnist.maths.unet import UNet
-    from ddpm_mnist.sample import Sampling, compiled_for, sampler_for
+    from ddpm_mnist.sample import SamplingJob, compiled_for, sampler_for
 
     monkeypatch.setattr(torch, "compile", FakeCompile(broken=True))
     cfg = load_config(SMOKE, ["sample.n=1000", "sample.steps=300", "sample.batch_size=2", "sample.compile=auto"])
     model = UNet(cfg.model).eval()
     runtime = Runtime(torch.device("cpu"), None, "float32")
     chosen, eager, _ = compiled_for(model, cfg, runtime)
-    run = Sampling(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager, compiled=True)
+    run = SamplingJob(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager, compiled=True)
     images = torch.cat([batch for _, batch in run.batches(3, 0, 2)])
     assert run.model is model and not run.compiled and images.shape == (3, 1, 28, 28)
     assert "note: sample.compile: auto: not compiled (RuntimeError: no C++ compiler)" in capsys.readouterr().err
@@ -590,7 +396,7 @@ def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> N
     """A compiled model keeps one shape: the last batch runs full, and the images past n are dropped."""
     from ddpm_mnist.device import Runtime
     from ddpm_mnist.maths.unet import UNet
-    from ddpm_mnist.sample import Sampling, sampler_for
+    from ddpm_mnist.sample import SamplingJob, sampler_for
 
     cfg = load_config(SMOKE, ["sample.steps=5"])
     torch.manual_seed(0)
@@ -600,7 +406,7 @@ def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> N
     runtime = Runtime(torch.device("cpu"), None, "float32")
 
     def images(compiled: bool) -> torch.Tensor:
-        run = Sampling(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=compiled)
+        run = SamplingJob(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=compiled)
         return torch.cat([batch for _, batch in run.batches(5, 0, 3)])
 
     eager = images(False)
@@ -609,5 +415,5 @@ def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> N
     filled = images(True)
     assert set(shapes) == {3} and torch.equal(filled, eager)
     shapes.clear()  # a batch larger than n: one shape, n, and no images past n
-    run = Sampling(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=True)
+    run = SamplingJob(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=True)
     assert torch.equal(torch.cat([batch for _, batch in run.batches(5, 0, 8)]), eager) and set(shapes) == {5}

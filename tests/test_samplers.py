@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMOKE, run_cli
-from helpers import one_line_error
+from helpers import one_line_error, step_at
 
-from ddpm_mnist.config import ScheduleConfig, load_config
-from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, SIGMA_SAMPLERS, model_calls
+from ddpm_mnist.config import ModelConfig, ScheduleConfig, load_config
+from ddpm_mnist.config.sampler_names import SAMPLER_NAMES, SIGMA_SAMPLERS, max_steps, min_steps, model_calls
 from ddpm_mnist.device import Runtime
+from ddpm_mnist.maths.diffusion import spaced_timesteps
 from ddpm_mnist.maths.samplers import (
+    SAMPLERS,
     NoiseSource,
     dynamic_threshold,
     karras_sigmas,
@@ -27,10 +29,15 @@ from ddpm_mnist.maths.samplers import (
     make_sampler,
     sigma_to_timestep,
 )
-from ddpm_mnist.maths.schedule import make_schedule
+from ddpm_mnist.maths.schedule import make_betas, make_schedule
+from ddpm_mnist.maths.unet import UNet
 from ddpm_mnist.sample import generate
 
-diffusers = pytest.importorskip("diffusers")
+try:
+    import diffusers
+except ImportError:  # the dev extra installs it: without it the parity tests skip, and the rest still run
+    diffusers = None
+needs_diffusers = pytest.mark.skipif(diffusers is None, reason="compares with diffusers: pip install -e '.[dev]'")
 
 SCHEDULES = {  # ours: (diffusers' name, beta_start, beta_end)
     "linear": ("linear", 1e-4, 0.02),
@@ -99,6 +106,8 @@ class FixedDraw:
 
 @pytest.fixture(autouse=True)
 def _fixed_draws(monkeypatch):
+    if diffusers is None:
+        return
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
 
     original = module.randn_tensor
@@ -129,11 +138,13 @@ DIFFUSERS_CASES = [  # diffusers' EulerAncestralDiscreteScheduler has no use_kar
 ]
 
 
+@needs_diffusers
 @pytest.mark.parametrize("name, prediction, schedule, spacing, steps, karras", DIFFUSERS_CASES)
 def test_sigma_samplers_agree_with_diffusers(name, prediction, schedule, spacing, steps, karras) -> None:
     check_against_diffusers(name, prediction, schedule, spacing, steps, karras)
 
 
+@needs_diffusers
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -164,6 +175,7 @@ def starts_at_cosines_end(prediction: str, schedule: str, spacing: str, karras: 
     return prediction == "v" and schedule == "cosine" and spacing != "leading" and not karras
 
 
+@needs_diffusers
 def test_heun_with_clipping_agrees_with_diffusers() -> None:
     """HeunDiscreteScheduler is the one of the four that clips x0_hat (clip_sample); ours can clip every sampler."""
     for prediction in PREDICTIONS:
@@ -258,6 +270,7 @@ def test_sigma_samplers_agree_with_a_float64_reference(name, schedule, spacing, 
 # -- karras sigmas, DPM-Solver++ on them -------------------------------------------------------------------------
 
 
+@needs_diffusers
 def test_karras_sigmas_and_their_timesteps_are_diffusers() -> None:
     scheduler = diffusers.EulerDiscreteScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
     scheduler.set_timesteps(12)
@@ -275,6 +288,7 @@ def test_karras_sigmas_and_their_timesteps_are_diffusers() -> None:
     assert exact.tolist() == pytest.approx([0.0, 400.0, 999.0], abs=1e-9)  # a schedule's own sigmas: its own t
 
 
+@needs_diffusers
 @pytest.mark.parametrize("prediction", list(PREDICTIONS))
 @pytest.mark.parametrize("steps", [10, 25])
 def test_dpm_solver_on_karras_sigmas_agrees_with_diffusers(prediction: str, steps: int) -> None:
@@ -300,6 +314,7 @@ def test_dpm_solver_on_karras_sigmas_agrees_with_diffusers(prediction: str, step
 # -- the rest of DDPMScheduler.step: log variances, thresholding ---------------------------------------------------
 
 
+@needs_diffusers
 @pytest.mark.parametrize("prediction", list(PREDICTIONS))
 @pytest.mark.parametrize("steps", [10, 25, 1000])
 def test_fixed_small_log_agrees_with_diffusers_and_fixed_large_log_with_float64(prediction, steps) -> None:
@@ -318,11 +333,14 @@ def test_fixed_small_log_agrees_with_diffusers_and_fixed_large_log_with_float64(
                              variance_type="fixed_large_log", clip_sample=False)
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[large_log.timesteps.flip(0)]
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    expected = betas.log().mul(0.5).exp()
-    expected[0] = 0
-    torch.testing.assert_close(large_log.sigmas.double(), expected, rtol=1e-6, atol=0)
+    expected = betas.log().mul(0.5).exp().flip(0)  # in step order
+    every = large_log.alphas_cumprod.cpu()
+    torch.testing.assert_close(large_log.sigma(large_log.betas.cpu(), every[:-1], every[1:]).double(), expected,
+                               rtol=1e-6, atol=0)
+    assert large_log.needs_noise == [True] * (steps - 1) + [False]  # the step to x_0 adds no noise
 
 
+@needs_diffusers
 @pytest.mark.parametrize("ratio, max_value", [(0.995, 1.0), (0.9, 1.5), (0.5, 3.0)])
 def test_dynamic_thresholding_is_diffusers(ratio: float, max_value: float) -> None:
     scheduler = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio,
@@ -332,6 +350,7 @@ def test_dynamic_thresholding_is_diffusers(ratio: float, max_value: float) -> No
     assert not torch.equal(dynamic_threshold(x0_hat, 0.9, 1.5), x0_hat.clamp(-1, 1))  # it is not clipping
 
 
+@needs_diffusers
 @pytest.mark.parametrize("name", ["ancestral", "ddim", "dpmpp_2m"])
 def test_thresholded_runs_agree_with_diffusers(name: str) -> None:
     kind = {"ancestral": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}[name]
@@ -374,9 +393,6 @@ def test_lms_weights_integrate_polynomials_exactly() -> None:
 def test_the_loop_runs_the_three_moves_and_images_do_not_depend_on_the_batch(name: str) -> None:
     """`sample.generate` (x_T = init_noise_sigma z, the scaled model input, the step) on a real U-Net:
     the same images from batches of 5 and of 2 + 3, every step's noise drawn per image."""
-    from ddpm_mnist.config import ModelConfig
-    from ddpm_mnist.maths.unet import UNet
-
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, num_groups=4)).eval()
     sampler = make_sampler(name, make_schedule(ScheduleConfig()), 6, timestep_spacing="trailing")
@@ -421,10 +437,13 @@ def test_bad_combinations_are_one_line_before_any_work(trained_run, tmp_path, ca
     assert not (tmp_path / "x.png").exists()
 
 
-def test_sigma_samplers_are_refused_at_zero_terminal_snr(capsys) -> None:
-    code, _, err = run_cli(capsys, "config", "--config", str(SMOKE), "--set", "schedule.rescale_zero_terminal_snr=true",
-                           "--set", "model.prediction_type=v", "--set", "sample.sampler=euler")
-    one_line_error(code, err, "sigma_T is infinite")
+@pytest.mark.parametrize("sets", [["sample.sampler=euler"], ["sample.sampler=dpmpp_2m", "sample.sigma_schedule=karras"],
+                                  ["train.preview_sampler=heun"]])
+def test_what_starts_from_sigma_T_is_refused_at_zero_terminal_snr(capsys, sets) -> None:
+    args = [item for key in ["schedule.rescale_zero_terminal_snr=true", "model.prediction_type=v", *sets]
+            for item in ("--set", key)]
+    code, _, err = run_cli(capsys, "config", "--config", str(SMOKE), *args)
+    one_line_error(code, err, "is infinite")
 
 
 def test_schedule_shows_the_sigmas_a_sampler_visits(tmp_path, capsys) -> None:
@@ -445,9 +464,189 @@ def test_schedule_shows_the_sigmas_a_sampler_visits(tmp_path, capsys) -> None:
     assert code == 0 and "7 model calls" in out
 
 
-def test_every_sampler_name_has_a_class() -> None:
-    from ddpm_mnist.maths.samplers import SAMPLERS
-
-    assert list(SAMPLERS) == list(SAMPLER_NAMES)
+def test_a_config_takes_every_sampler_name() -> None:
     cfg = load_config(SMOKE, ["sample.sampler=lms", "sample.steps=7"])
     assert cfg.sample.sampler == "lms"
+
+
+# -- the step of the samplers on x_t against the paper, and the loop's fixed buffers ----------------------------
+
+
+ALL_PREDICTIONS = ["epsilon", "v", "x0"]
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(3))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("prediction", ALL_PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("t", [999, 500, 1])
+def test_ancestral_step_matches_hand_computed_values(prediction: str, variance: str, t: int) -> None:
+    b = make_betas("linear", 1000)  # float64
+    abar = torch.cumprod(1 - b, 0)
+    x_t, output, z = inputs(t)
+    # Eq. (15) and its v and x0 counterparts, then Eq. (7), written out in float64
+    if prediction == "epsilon":
+        x0 = (x_t - (1 - abar[t]).sqrt() * output) / abar[t].sqrt()
+    elif prediction == "v":
+        x0 = abar[t].sqrt() * x_t - (1 - abar[t]).sqrt() * output
+    else:
+        x0 = output
+    x0 = x0.clamp(-1, 1)
+    mean = abar[t - 1].sqrt() * b[t] / (1 - abar[t]) * x0 + (1 - b[t]).sqrt() * (1 - abar[t - 1]) / (1 - abar[t]) * x_t
+    var = b[t] * (1 - abar[t - 1]) / (1 - abar[t]) if variance == "fixed_small" else b[t]
+    expected = mean + var.sqrt() * z
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000, prediction_type=prediction,
+                           variance_type=variance)
+    got = step_at(sampler, output.float(), t, x_t.float(), z.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unclipped_epsilon_step_is_algorithm_2_line_4() -> None:
+    """x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) + sigma_t z."""
+    b = make_betas("linear", 1000)
+    abar = torch.cumprod(1 - b, 0)
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000, clip_sample=False)
+    for t in (999, 300, 1):
+        x_t, eps, z = inputs(t)
+        sigma = (b[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt()
+        expected = (x_t - b[t] / (1 - abar[t]).sqrt() * eps) / (1 - b[t]).sqrt() + sigma * z
+        torch.testing.assert_close(step_at(sampler, eps.float(), t, x_t.float(), z.float()).double(), expected,
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_last_step_adds_no_noise_and_others_need_it() -> None:
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), 1000)
+    assert sampler.timesteps[0] == 999 and sampler.timesteps[-1] == 0  # 0-indexed, T-1 down to 0
+    assert sampler.needs_noise == [True] * 999 + [False]
+    x_t, out, z = (v.float() for v in inputs(0))
+    assert torch.equal(sampler.step(999, out, x_t, z), sampler.step(999, out, x_t, None))  # z is not used
+    assert not torch.equal(sampler.step(994, out, x_t, z), sampler.step(994, out, x_t, None))
+
+
+def test_ddim_with_eta_1_on_every_step_is_the_ancestral_step() -> None:
+    """Song et al.: eta = 1 over all T steps gives DDPM's posterior with beta-tilde (no clipping)."""
+    schedule = make_schedule(ScheduleConfig())
+    ddpm = make_sampler("ancestral", schedule, 1000, clip_sample=False)
+    ddim = make_sampler("ddim", schedule, 1000, eta=1.0, clip_sample=False)
+    for t in (999, 400, 3):
+        x_t, out, z = (v.float() for v in inputs(t))
+        torch.testing.assert_close(step_at(ddim, out, t, x_t, z), step_at(ddpm, out, t, x_t, z), rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_eta_0_is_deterministic_and_respaced() -> None:
+    sampler = make_sampler("ddim", make_schedule(ScheduleConfig()), 50)
+    assert sampler.timesteps.tolist() == spaced_timesteps(1000, 50) == list(range(980, -1, -20))
+    assert not any(sampler.needs_noise)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("prediction", ALL_PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ancestral_step_agrees_with_diffusers(prediction: str, variance: str, clip: bool, steps: int) -> None:
+    theirs = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=DIFFUSERS_PREDICTION[prediction],
+        variance_type=variance, clip_sample=clip,
+    )
+    theirs.set_timesteps(steps)
+    ours = make_sampler("ancestral", make_schedule(ScheduleConfig(beta_schedule="cosine")), steps,
+                        prediction_type=prediction, variance_type=variance, clip_sample=clip)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    for t in (int(ours.timesteps[0]), int(ours.timesteps[len(ours.timesteps) // 2]), int(ours.timesteps[-1])):
+        x_t, out, _ = (v.float() for v in inputs(t))
+        expected = theirs.step(out, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
+        torch.testing.assert_close(step_at(ours, out, t, x_t, z), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("prediction", ALL_PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_step_agrees_with_diffusers(prediction: str, eta: float) -> None:
+    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, prediction_type=DIFFUSERS_PREDICTION[prediction])
+    theirs.set_timesteps(20)
+    ours = make_sampler("ddim", make_schedule(ScheduleConfig()), 20, prediction_type=prediction, eta=eta)
+    for t in (int(ours.timesteps[0]), int(ours.timesteps[-1])):
+        x_t, out, _ = (v.float() for v in inputs(t))
+        expected = theirs.step(out, t, x_t, eta=eta, generator=torch.Generator().manual_seed(3)).prev_sample
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(step_at(ours, out, t, x_t, z if eta else None), expected, rtol=1e-4, atol=1e-4)
+
+
+def static_vs_eager(device: torch.device, sampler_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[14],
+                             num_groups=4, dropout=0.0)).to(device).eval()
+    for p in model.parameters():  # give the zero-initialised layers weights: a model that does something
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    sampler = make_sampler(sampler_kind, make_schedule(ScheduleConfig()).to(device), 25, device=device,
+                           eta=0.5 if sampler_kind == "ddim" else 0.0)
+    runtime = Runtime(device, None, "float32")
+    runs = [generate(model, sampler, NoiseSource(3, range(5), device), runtime, static=static)
+            for static in (False, True)]
+    return runs[0], runs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SAMPLER_NAMES)
+def test_static_buffer_step_gives_the_eager_images(kind: str) -> None:
+    """On CPU the CUDA-graph path runs its step eagerly on the fixed buffers: same images."""
+    eager, static = static_vs_eager(torch.device("cpu"), kind)
+    torch.testing.assert_close(static, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA-graph capture itself")
+@pytest.mark.parametrize("kind", SAMPLER_NAMES)
+def test_cuda_graph_replay_gives_the_eager_images(kind: str) -> None:
+    eager, graphed = static_vs_eager(torch.device("cuda"), kind)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ALL_PREDICTIONS)
+def test_x0_hat_at_the_cosine_schedules_last_step_does_not_cancel(prediction: str) -> None:
+    """abar is about 2.4e-9 at t = 999 of the cosine schedule: x0_hat = a x_t + b eps with a and b
+    near +-2e4 lost up to 7.6e-3 to cancellation. Against float64 from the same float32 inputs.
+
+    What remains (1.2e-4) is float32's own limit, as in diffusers: sqrt(1 - abar) = 1 - 1.2e-9 is
+    1.0 in float32, and 1.2e-9 |eps| / sqrt(abar) is about 1e-4."""
+    schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
+    sampler = make_sampler("ancestral", schedule, 1000, prediction_type=prediction, clip_sample=False)
+    abar = torch.cumprod(1 - make_betas("cosine", 1000), 0)[999]  # float64
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).float()  # a consistent x_t: the hard case
+    target = {"epsilon": eps, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "x0": x0}[prediction]
+    output = (target + 1e-6 * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
+    x, out = x_t.double(), output.double()
+    exact = {"epsilon": (x - (1 - abar).sqrt() * out) / abar.sqrt(),
+             "v": abar.sqrt() * x - (1 - abar).sqrt() * out, "x0": out}[prediction]
+    got = sampler.predict_x0(0, output, x_t).double()
+    assert (got - exact).abs().max() < 2.5e-4
+
+
+def test_a_respaced_run_keeps_the_originals_noise_levels() -> None:
+    """Respacing keeps each visited timestep's alpha-bar: step i of 37 is the original's timestep t_i."""
+    schedule = make_schedule(ScheduleConfig(beta_schedule="cosine"))
+    sampler = make_sampler("ancestral", schedule, 37)
+    kept = sampler.timesteps.tolist()
+    torch.testing.assert_close(sampler.alphas_cumprod[:-1].float(), schedule.alphas_cumprod[kept], rtol=1e-5, atol=0)
+    assert sampler.alphas_cumprod[-1] == 1  # after the last step: the clean image
+    whole = make_sampler("ancestral", schedule, 1000)  # recomputed from the float32 betas: equal up to rounding
+    torch.testing.assert_close(whole.alphas_cumprod[:-1].float(), schedule.alphas_cumprod.flip(0), rtol=1e-4, atol=0)
+
+
+def test_one_sampler_class_per_name_and_the_step_limits_in_one_place() -> None:
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
+    schedule = make_schedule(ScheduleConfig(num_timesteps=10))
+    for name in SAMPLER_NAMES:
+        assert make_sampler(name, schedule, max_steps(name, 10)).num_steps == model_calls(name, max_steps(name, 10))
+        with pytest.raises(ValueError, match=f"{name} takes {min_steps(name)} to {max_steps(name, 10)} steps"):
+            make_sampler(name, schedule, max_steps(name, 10) + 1)

@@ -43,11 +43,11 @@ def test_a_signal_during_sampling_exits_with_its_code_and_says_what_was_kept(tra
 
 
 def test_ctrl_c_during_eval_exits_130(trained_run: Path, monkeypatch, capsys) -> None:
-    from ddpm_mnist.sample import Sampling
+    from ddpm_mnist.sample import SamplingJob
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
-    monkeypatch.setattr(Sampling, "images", interrupted)
+    monkeypatch.setattr(SamplingJob, "images", interrupted)
     code, _, err = run_cli(capsys, "eval", "--ckpt", trained_run / "checkpoints" / "latest.pt", "--n", "4",
                            "--steps", "2", "--data", FIXTURE_ROOT)
     assert code == 130 and stopped_line(err) == "stopped by Ctrl-C: nothing was written by this command"

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ddpm_mnist.loop as loop
 import ddpm_mnist.train as train_module
-from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
+from ddpm_mnist.checkpoint import FORMAT, FORMAT_VERSION, load
 from ddpm_mnist.config import Config, apply_overrides, config_from_dict
 from ddpm_mnist.device import setup_runtime
 from ddpm_mnist.errors import RunError
@@ -43,7 +43,7 @@ def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> N
     ) == smoke_cfg
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest.pt", "step_000000010.pt", "step_000000020.pt"]
-    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")  # weights_only=True
+    state = load(run_dir / "checkpoints" / "latest.pt").contents  # weights_only=True
     assert state["format"] == FORMAT and state["format_version"] == FORMAT_VERSION
     assert state["step"] == 20 and state["epoch"] == 20 // (1000 // 32)
     assert config_from_dict(state["config"], "ckpt") == smoke_cfg
@@ -89,7 +89,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config, opt
     (checkpoints / "step_000000016.pt").unlink()
     shutil.copyfile(checkpoints / "step_000000008.pt", checkpoints / "latest.pt")
     smoke_run(smoke_cfg, *sets, "name=halves", resume=True)
-    assert load_checkpoint(checkpoints / "latest.pt")["step"] == 16
+    assert load(checkpoints / "latest.pt").step == 16
     a, b = weights(straight), weights(halves)
     assert a.keys() == b.keys()
     for key in a:
@@ -107,7 +107,7 @@ def test_resume_applies_the_optimiser_settings_it_is_given_and_says_so(smoke_cfg
     err = capsys.readouterr().err
     assert ("note: --resume applies train.lr 0.0001 (the run had 0.001), train.adam_beta2 0.9 (the run had 0.999), "
             "train.weight_decay 0.01 (the run had 0)") in err
-    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    state = load(run / "checkpoints" / "latest.pt").contents
     decay, no_decay = state["optimizer"]["param_groups"]
     assert decay["lr"] == no_decay["lr"] == 0.0001 and decay["betas"] == no_decay["betas"] == (0.9, 0.9)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
@@ -163,7 +163,7 @@ def test_a_run_folder_is_not_overwritten_by_accident(smoke_cfg: Config) -> None:
     with pytest.raises(RunError, match="the config's model differs"):
         smoke_run(smoke_cfg, "train.steps=4", "model.base_channels=16", resume=True)
     smoke_run(smoke_cfg, "train.steps=3", "train.sample_every=0", overwrite=True)
-    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 3
+    assert load(run_dir / "checkpoints" / "latest.pt").step == 3
     assert not (run_dir / "checkpoints" / "step_000000002.pt").exists()
 
 
@@ -195,7 +195,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_cfg: Config, mo
     with pytest.raises(RunError, match=r"diverged: non-finite loss or gradient between steps 11 and 15"):
         smoke_run(smoke_cfg)
     run_dir = smoke_cfg.run_dir
-    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    state = load(run_dir / "checkpoints" / "latest.pt").contents
     assert state["step"] == 10
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run_dir / "checkpoints" / "step_000000020.pt").exists()
@@ -213,7 +213,7 @@ def test_nan_policy_skip_skips_the_step(smoke_cfg: Config, monkeypatch) -> None:
 
     monkeypatch.setattr(loop, "training_losses", one_bad_step)
     run_dir = smoke_run(smoke_cfg, "train.nan_policy=skip")
-    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    state = load(run_dir / "checkpoints" / "latest.pt").contents
     assert state["step"] == 20 and state["ema_num_averaged"] == 19  # one update skipped
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     events = EventAccumulator(str(run_dir))
@@ -237,7 +237,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "continue with --resume" in err.strip().splitlines()[-1]
-    state = load_checkpoint(tmp_path / "smoke" / "checkpoints" / "latest.pt")
+    state = load(tmp_path / "smoke" / "checkpoints" / "latest.pt").contents
     assert 0 < state["step"] < 100000
 
 
@@ -311,8 +311,8 @@ def test_weight_decay_applies_to_weights_only(smoke_cfg: Config) -> None:
 @pytest.mark.slow
 def test_epochs_set_the_length(smoke_cfg: Config) -> None:
     cfg = apply_overrides(smoke_cfg, ["train.steps=0", "train.epochs=1", "data.limit=128", "train.sample_every=0"])
-    run_dir = train_module.train(cfg)  # no hooks: no previews, and nothing else missing
-    assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 128 // 32
+    run_dir = train_module.run_training(cfg)  # no hooks: no previews, and nothing else missing
+    assert load(run_dir / "checkpoints" / "latest.pt").step == 128 // 32
     assert not (run_dir / "samples").exists()
 
 

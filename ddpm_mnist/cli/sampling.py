@@ -100,11 +100,10 @@ def export(
     """Export a checkpoint for diffusers (DDPMPipeline.from_pretrained) or as a safetensors weights file."""
     import time
 
-    from ddpm_mnist.export import describe
-    from ddpm_mnist.export import export as run_export
+    from ddpm_mnist.export import describe, export_checkpoint
 
     started = time.perf_counter()
-    files = run_export(ckpt, out, fmt=fmt, use_ema=ema, overwrite=overwrite)
+    files = export_checkpoint(ckpt, out, fmt=fmt, use_ema=ema, overwrite=overwrite)
     typer.echo(describe(files, started))
 
 

@@ -67,7 +67,7 @@ def train(
 ) -> None:
     """Train a DDPM on MNIST: checkpoints, TensorBoard logs and sample grids go to out_dir/name/."""
     from ddpm_mnist.previews import training_hooks
-    from ddpm_mnist.train import train as run_training
+    from ddpm_mnist.train import run_training
 
     cfg = config_from(config, set_)
     run_training(cfg, hooks=training_hooks(cfg), resume=resume, overwrite=overwrite, device_name=device,

@@ -110,11 +110,8 @@ def _validate_digits(cfg: Config, source: str) -> None:
 def _validate_sampler(cfg: Config, source: str) -> None:
     """Settings of the `sample` section that another one rules out."""
     s = cfg.sample
-    if s.sampler in SIGMA_SAMPLERS and cfg.schedule.rescale_zero_terminal_snr:
-        raise ConfigError(
-            f"{source}: sample.sampler: {s.sampler} starts from x_T = init_noise_sigma * z, and at zero terminal "
-            "SNR (schedule.rescale_zero_terminal_snr) sigma_T is infinite; use ancestral, ddim or dpmpp_2m"
-        )
+    if cfg.schedule.rescale_zero_terminal_snr:
+        _validate_zero_terminal_snr(cfg, source)
     if s.sigma_schedule == "karras" and s.sampler not in KARRAS_SAMPLERS:
         raise ConfigError(
             f"{source}: sample.sigma_schedule: karras steps between noise levels that are not the model's "
@@ -126,9 +123,6 @@ def _validate_sampler(cfg: Config, source: str) -> None:
             "thresholds); set sample.clip_sample: false too"
         )
     preview = cfg.train.preview_sampler
-    if preview in SIGMA_SAMPLERS and cfg.schedule.rescale_zero_terminal_snr:
-        raise ConfigError(f"{source}: train.preview_sampler: {preview} cannot start at zero terminal SNR "
-                          "(sigma_T is infinite); use ancestral, ddim or dpmpp_2m")
     if cfg.preview_steps < min_steps(preview):
         raise ConfigError(f"{source}: train.preview_steps: {preview} takes at least {min_steps(preview)} steps, "
                           f"got {cfg.preview_steps}")
@@ -137,6 +131,24 @@ def _validate_sampler(cfg: Config, source: str) -> None:
             f"{source}: sample.steps: {s.sampler} takes at least {min_steps(s.sampler)} steps (at 1 step it is "
             f"Euler's), got {cfg.reverse_steps}"
         )
+
+
+def _validate_zero_terminal_snr(cfg: Config, source: str) -> None:
+    """At zero terminal SNR, sigma_T is infinite: nothing may start from it or space noise levels up to it."""
+    s, preview = cfg.sample, cfg.train.preview_sampler
+    if s.sampler in SIGMA_SAMPLERS:
+        raise ConfigError(
+            f"{source}: sample.sampler: {s.sampler} starts from x_T = init_noise_sigma * z, and at zero terminal "
+            "SNR (schedule.rescale_zero_terminal_snr) sigma_T is infinite; use ancestral, ddim or dpmpp_2m"
+        )
+    if s.sigma_schedule == "karras":
+        raise ConfigError(
+            f"{source}: sample.sigma_schedule: karras spaces the noise levels up to sigma_T, which is infinite at "
+            "zero terminal SNR (schedule.rescale_zero_terminal_snr); use sigma_schedule: spaced"
+        )
+    if preview in SIGMA_SAMPLERS:
+        raise ConfigError(f"{source}: train.preview_sampler: {preview} cannot start at zero terminal SNR "
+                          "(sigma_T is infinite); use ancestral, ddim or dpmpp_2m")
 
 
 def _validate_lengths(cfg: Config, source: str) -> None:

@@ -58,16 +58,16 @@ def training_target(
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def predict_x0(
-    schedule: NoiseSchedule, t: int | torch.Tensor, x_t: torch.Tensor, output: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """x0_hat from the network's output at (x_t, t), unclipped."""
+def predict_x0(sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, x_t: torch.Tensor, output: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+    """x0_hat from the network's output at x_t, whose timestep has sqrt(abar_t) = `sqrt_abar` and
+    sqrt(1 - abar_t) = `sqrt_one_minus_abar` (float32, each broadcasting over the images); unclipped."""
     if prediction_type == "epsilon":
         # Eq. (15): (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), the difference first: written as
         # a x_t + b eps, with a and b near +-2e4 at the cosine schedule's last step, it cancels
-        return (x_t - at(schedule.sqrt_one_minus_alphas_cumprod, t) * output) / at(schedule.sqrt_alphas_cumprod, t)
+        return (x_t - sqrt_one_minus_abar * output) / sqrt_abar
     if prediction_type == "v":
-        return at(schedule.sqrt_alphas_cumprod, t) * x_t - at(schedule.sqrt_one_minus_alphas_cumprod, t) * output
+        return sqrt_abar * x_t - sqrt_one_minus_abar * output
     if prediction_type == "x0":
         return output
     raise ValueError(f"unknown prediction type {prediction_type!r}")
@@ -87,16 +87,16 @@ def predict_x0_from_sigma(sigma: torch.Tensor, x: torch.Tensor, output: torch.Te
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def predict_eps(
-    schedule: NoiseSchedule, t: int | torch.Tensor, x_t: torch.Tensor, output: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """eps_hat from the network's output at (x_t, t): the noise that x_t carries, by Eq. (4)."""
+def predict_eps(sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, x_t: torch.Tensor, output: torch.Tensor,
+                prediction_type: str) -> torch.Tensor:
+    """eps_hat from the network's output at x_t (arguments as `predict_x0`): the noise that x_t
+    carries, by Eq. (4)."""
     if prediction_type == "epsilon":
         return output
     if prediction_type == "v":
-        return at(schedule.sqrt_alphas_cumprod, t) * output + at(schedule.sqrt_one_minus_alphas_cumprod, t) * x_t
+        return sqrt_abar * output + sqrt_one_minus_abar * x_t
     if prediction_type == "x0":
-        return (x_t - at(schedule.sqrt_alphas_cumprod, t) * output) / at(schedule.sqrt_one_minus_alphas_cumprod, t)
+        return (x_t - sqrt_abar * output) / sqrt_one_minus_abar
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
@@ -178,15 +178,9 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading
 
 def dpm_solver_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
     """The timesteps DPM-Solver evaluates the model at, descending, as diffusers'
-    DPMSolverMultistepScheduler picks them: leading and linspace spread num_steps + 1 points and
-    drop the last (the solver's final step goes to sigma = 0, the clean image); trailing is as above."""
-    T = num_timesteps
-    if spacing == "leading":
-        timesteps = np.arange(num_steps + 1) * (T // (num_steps + 1))
-    elif spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, num_steps + 1).round().astype(np.int64)
-    elif spacing == "trailing":
-        return spaced_timesteps(T, num_steps, spacing)
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}")
-    return [int(t) for t in timesteps[::-1][:-1]]
+    DPMSolverMultistepScheduler picks them: for leading and linspace, those of num_steps + 1 spaced
+    steps less the last, t = 0 (the solver's final step goes to sigma = 0, the clean image);
+    trailing as `spaced_timesteps`."""
+    if spacing == "trailing":
+        return spaced_timesteps(num_timesteps, num_steps, spacing)
+    return spaced_timesteps(num_timesteps, num_steps + 1, spacing)[:-1]

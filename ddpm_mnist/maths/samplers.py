@@ -12,12 +12,13 @@
 Every sampler makes the same three moves, which the one loop (`sample.generate`) runs: x_T =
 init_noise_sigma * z (`init_noise_sigma`, 1 on x_t itself), the model's input at step i
 (`model_input`: x itself, or x / sqrt(sigma^2 + 1) in the sigma view), and `step`. Step i (0 = the
-noisiest) is one model call at timestep `timesteps[i]`. The first three run on x_t with the
-schedule respaced to their steps (`schedule.respace`), whose index k = num_steps - 1 - i names the
-same buffers (posterior_mean_coef1, ...) the full loop reads. Each sampler computes its tables
-once and on the device, so that a CUDA graph can replay a step with only i and z changing; its
-state, if any, is a fixed buffer that `start` resets in place. Adding a sampler is one class here
-and one line in `SAMPLERS`.
+noisiest) is one model call at timestep `timesteps[i]`, and i is the only index: a sampler keeps
+the alpha-bar (on x_t) or the sigma (in the sigma view) of each step in step order, with the clean
+image's after the last, and `step` computes its coefficients from those of steps i and i + 1, one
+formula a line, in float64, then applies them in float32. Only an index read changes from one
+step to the next, so a CUDA graph replays a step with only i and z changing; a multistep sampler's
+state is a fixed buffer that `start` resets in place. Adding a sampler is one class here and one
+line in `SAMPLERS`.
 """
 
 from __future__ import annotations
@@ -39,12 +40,7 @@ from ddpm_mnist.maths.diffusion import (
     predict_x0_from_sigma,
     spaced_timesteps,
 )
-from ddpm_mnist.maths.schedule import (
-    NoiseSchedule,
-    alphas_cumprod_float64,
-    make_schedule,
-    schedule_through,
-)
+from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, make_schedule
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)
@@ -71,6 +67,14 @@ class X0Bound:
         if self.threshold_ratio is not None:
             return dynamic_threshold(x0_hat, self.threshold_ratio, self.max_value)
         return x0_hat if self.clip_range is None else x0_hat.clamp(-self.clip_range, self.clip_range)
+
+
+def per_step(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A float64 table a sampler reads at each step, where the step runs: a CUDA graph reads it by
+    an index on the device. MPS has no float64, so there it stays on the CPU: an int index gives a
+    0-d value, which broadcasts over tensors on any device."""
+    device = torch.device(device)
+    return values.to(torch.float64).to(device if device.type != "mps" else "cpu")
 
 
 class Sampler:
@@ -106,20 +110,42 @@ class Sampler:
         raise NotImplementedError
 
 
+def state_buffer(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A multistep sampler's state, zeroed for a new run: in place when the buffer fits (a captured
+    CUDA graph keeps its address), else a new one shaped like `like`."""
+    if buffer is not None and buffer.shape == like.shape and buffer.device == like.device:
+        return buffer.zero_()
+    return torch.zeros_like(like)
+
+
 class Respaced(Sampler):
-    """A sampler on x_t itself, with the schedule respaced to its steps: step k = num_steps - 1 - i
-    has alpha-bar `alphas_cumprod[::-1][k]` (those of its timesteps, or of Karras et al.'s sigmas)."""
+    """A sampler on x_t itself, over the diffusion respaced to its steps, as improved-diffusion's
+    `respace` builds it: step i (timestep t_i) has beta_i = 1 - abar(t_i) / abar(t_(i+1)), the jump
+    to the next step's noise level (to abar = 1, the clean image, at the last), and the alpha-bars
+    follow from those betas as `schedule.schedule_from_betas` derives them. So a run of 50 steps
+    uses the paper's formulas as they are, with t -> step i and t - 1 -> step i + 1, and the full
+    loop's are the schedule's own. The alpha-bars are those of the timesteps, or of Karras et al.'s sigmas.
+
+    `betas[i]` and `alphas_cumprod[i]` (float64; the latter 1 after the last step) are in step order;
+    `step` computes its coefficients from them, then applies them in float32.
+    """
 
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: Sequence[float], prediction_type: str,
                  bound: X0Bound, device: torch.device | str, dtype: torch.dtype = torch.long) -> None:
         super().__init__(timesteps, prediction_type, bound, device, dtype)
-        self.alphas_cumprod = alphas_cumprod  # float64 (num_steps,), in step order
         self.noise_levels = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # the sigma of each step, float64
-        self.schedule = schedule_through(alphas_cumprod.flip(0)).to(device)  # index k -> step num_steps - 1 - k
+        one = torch.ones(1, dtype=torch.float64)
+        betas = 1 - alphas_cumprod / torch.cat([alphas_cumprod[1:], one])  # beta_i = 1 - abar_t / abar_(t-1)
+        derived = torch.cumprod((1 - betas).flip(0), dim=0).flip(0)  # abar = prod (1 - beta), in t's order
+        self.betas = per_step(betas, device)  # (num_steps,)
+        self.alphas_cumprod = per_step(torch.cat([derived, one]), device)  # (num_steps + 1,)
 
     def predict_x0(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """x0_hat at step i from whatever the model predicts, bounded: (B, C, H, W)."""
-        return self.bound(predict_x0(self.schedule, self.num_steps - 1 - i, x_t, model_output, self.prediction_type))
+        abar_t = at(self.alphas_cumprod, i)
+        x0_hat = predict_x0(abar_t.sqrt().float(), (1 - abar_t).sqrt().float(), x_t, model_output,
+                            self.prediction_type)
+        return self.bound(x0_hat)
 
 
 class Ancestral(Respaced):
@@ -138,104 +164,121 @@ class Ancestral(Respaced):
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: list[int], prediction_type: str, bound: X0Bound,
                  device: torch.device | str, variance_type: str = "fixed_small") -> None:
         super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device)
-        small = variance_type.startswith("fixed_small")
-        variance = (self.schedule.posterior_variance if small else self.schedule.betas).double()
-        if variance_type.endswith("_log"):  # diffusers' names: the same variance through its log (Glide's max_log)
-            sigmas = (0.5 * variance.clamp(min=1e-20).log()).exp()
+        self.variance_type = variance_type
+        abar = self.alphas_cumprod.cpu()
+        self.needs_noise = (self.sigma(self.betas.cpu(), abar[:-1], abar[1:]) > 0).tolist()
+        self.needs_noise[-1] = False  # the step to x_0 adds none
+
+    def sigma(self, beta_t: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
+        """sigma_t, the scale of the step's noise, float32 (elementwise: one step, or all of them). The
+        variance is rounded to float32 first, as the schedule stores it, so that the default loop's
+        noise scale stays what it has always been, bit for bit."""
+        if self.variance_type.startswith("fixed_small"):
+            variance = beta_t * (1 - abar_prev) / (1 - abar_t)  # beta-tilde_t, Eq. (7)
         else:
-            sigmas = variance.sqrt()
-        sigmas[0] = 0.0  # k = 0: the step to x_0
-        self.sigmas = sigmas.float()
-        self.needs_noise = (self.sigmas > 0).tolist()[::-1]
+            variance = beta_t
+        variance = variance.float().double()
+        if self.variance_type.endswith("_log"):  # diffusers' names: the same variance through its log (Glide's)
+            return (0.5 * variance.clamp(min=1e-20).log()).exp().float()
+        return variance.sqrt().float()
 
     def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        s, k = self.schedule, self.num_steps - 1 - i
-        # 1. predicted x_0 from the model output (Eq. 15 for epsilon), 2. bounded
+        # 1. beta_t, and alpha-bar at t and at t - 1 (the next step's)
+        beta_t, abar_t, abar_prev = at(self.betas, i), at(self.alphas_cumprod, i), at(self.alphas_cumprod, i + 1)
+        # 2. predicted x_0 from the model output (Eq. 15 for epsilon), bounded (clipped or thresholded)
         x0_hat = self.predict_x0(i, model_output, x_t)
         # 3. the posterior mean mu_tilde_t(x_t, x0_hat), Eq. (7)
-        x_prev = at(s.posterior_mean_coef1, k) * x0_hat + at(s.posterior_mean_coef2, k) * x_t
+        coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
+        coef_xt = (1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)
+        x_prev = coef_x0.float() * x0_hat + coef_xt.float() * x_t
         # 4. add noise: + sigma_t z, Algorithm 2 line 4
-        return x_prev if z is None else x_prev + at(self.sigmas, k) * z
+        return x_prev if z is None else x_prev + self.sigma(beta_t, abar_t, abar_prev) * z
 
 
 class DDIM(Respaced):
     """Song et al. 2021, Eq. (12): x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat
     + sigma_t z, with sigma_t(eta) of Eq. (16): eta = 0 is deterministic, eta = 1 ancestral-like.
 
-    eps_hat comes from the unclipped output, as diffusers' DDIMScheduler does. The tables come
-    from float64 alpha-bars: near t = 0, 1 - abar_{t-1} is about 1e-5, and from a float32
-    alpha-bar it would keep two digits (at eta = 1, the direction's square root none).
+    eps_hat comes from the unclipped output, as diffusers' DDIMScheduler does. The coefficients come
+    from float64 alpha-bars: near t = 0, 1 - abar_{t-1} is about 1e-5, and from a float32 alpha-bar
+    it would keep two digits (at eta = 1, the direction's square root none).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: list[int], prediction_type: str, bound: X0Bound,
                  device: torch.device | str, eta: float = 0.0) -> None:
         super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device)
-        abar = alphas_cumprod.flip(0)  # index k
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        # Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
-        sigmas = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
-        # Eq. (12): the coefficient of eps_hat, the "direction pointing to x_t"
-        self.direction = (1 - abar_prev - sigmas**2).clamp(min=0).sqrt().float().to(device)
-        sigmas[0] = 0.0  # k = 0: the step to x_0
-        self.sigmas = sigmas.float().to(device)
-        self.needs_noise = (self.sigmas > 0).tolist()[::-1]
+        self.eta = eta
+        abar = self.alphas_cumprod.cpu()
+        self.needs_noise = (self.sigma(abar[:-1], abar[1:]) > 0).tolist()
+        self.needs_noise[-1] = False  # the step to x_0 adds none
+
+    def sigma(self, abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
+        """Eq. (16): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}), float64."""
+        return self.eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
 
     def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        s, k = self.schedule, self.num_steps - 1 - i
-        # 1. predicted x_0, 2. bounded (clipped or thresholded)
+        # 1. alpha-bar at t and at t - 1 (the next step's), sigma_t(eta)
+        abar_t, abar_prev = at(self.alphas_cumprod, i), at(self.alphas_cumprod, i + 1)
+        sigma_t = self.sigma(abar_t, abar_prev)
+        # 2. predicted x_0, bounded (clipped or thresholded)
         x0_hat = self.predict_x0(i, model_output, x_t)
         # 3. the noise the output implies, unclipped
-        eps_hat = predict_eps(s, k, x_t, model_output, self.prediction_type)
+        eps_hat = predict_eps(abar_t.sqrt().float(), (1 - abar_t).sqrt().float(), x_t, model_output,
+                              self.prediction_type)
         # 4. Eq. (12): the x_0 part plus the direction pointing to x_t
-        x_prev = at(s.alphas_cumprod_prev, k).sqrt() * x0_hat + at(self.direction, k) * eps_hat
+        direction = (1 - abar_prev - sigma_t**2).clamp(min=0).sqrt()
+        x_prev = abar_prev.float().sqrt() * x0_hat + direction.float() * eps_hat
         # 5. add noise: + sigma_t z (eta > 0)
-        return x_prev if z is None else x_prev + at(self.sigmas, k) * z
+        return x_prev if z is None else x_prev + sigma_t.float() * z
 
 
 class DPMSolverPP2M(Respaced):
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, as diffusers' DPMSolverMultistepScheduler
-    (algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True).
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, as k-diffusion's `sample_dpmpp_2m` and diffusers'
+    DPMSolverMultistepScheduler (algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True).
 
-    With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and h = lambda_t -
-    lambda_s for the step from s = t_i to t = t_(i+1) (to sigma = 0, the clean image, at the last):
-        x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) D,  D = x0_hat + (x0_hat - x0_hat_prev) / (2 r),
-    r = h_prev / h. The first and last steps are first order (D = x0_hat). Deterministic; its state,
-    the previous step's x0_hat, is a fixed buffer.
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma), a step goes from
+    s (step i) to t (step i + 1; sigma = 0, the clean image, after the last):
+        h = lambda_t - lambda_s,  r = h_last / h,  D = x0_hat + (x0_hat - x0_hat_last) / (2 r),
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D.
+    The first and last steps are first order (D = x0_hat). Deterministic; its state, the last
+    step's x0_hat and h, is a fixed buffer.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: Sequence[float], prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
         dtype = torch.long if all(float(t).is_integer() for t in timesteps) else torch.float32
         super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device, dtype)
-        abar_s = alphas_cumprod
-        abar_t = torch.cat([abar_s[1:], torch.ones(1, dtype=torch.float64)])  # sigma = 0 after the last step
-        alpha_s, sigma_s, alpha_t, sigma_t = abar_s.sqrt(), (1 - abar_s).sqrt(), abar_t.sqrt(), (1 - abar_t).sqrt()
-        h = (alpha_t.log() - sigma_t.log()) - (alpha_s.log() - sigma_s.log())  # inf at the last step: e^-h = 0
-        r = torch.cat([torch.full((1,), torch.inf, dtype=torch.float64), h[:-1]]) / h
-        second_order = torch.ones_like(h, dtype=torch.bool)
-        second_order[0] = second_order[-1] = False
-        self.sigma_ratio = (sigma_t / sigma_s).float().to(device)  # sigma_t / sigma_s, 0 at the last step
-        self.data_coef = (alpha_t * -torch.expm1(-h)).float().to(device)  # alpha_t (1 - e^-h)
-        difference = torch.where(second_order, 0.5 * alpha_t * -torch.expm1(-h) / r, torch.zeros_like(h))
-        self.difference_coef = difference.nan_to_num(nan=0.0).float().to(device)  # alpha_t (1 - e^-h) / (2 r)
-        self.previous: torch.Tensor | None = None  # x0_hat of the step before
+        abar = self.alphas_cumprod.cpu()
+        self.lambdas = per_step(abar.sqrt().log() - (1 - abar).sqrt().log(), device)  # +inf after the last step
+        second_order = torch.ones(self.num_steps, dtype=torch.bool)
+        second_order[0] = second_order[-1] = False  # D = x0_hat at the first step, and at the last (lower_order_final)
+        self.second_order = second_order.to(self.lambdas.device)
+        self.x0_hat_last: torch.Tensor | None = None
+        self.h_last = torch.zeros((), dtype=torch.float64, device=self.lambdas.device)
 
     def start(self, x_T: torch.Tensor) -> None:
-        """Zero the previous x0_hat, in place when its buffer fits (a captured graph keeps its address)."""
-        if self.previous is not None and self.previous.shape == x_T.shape and self.previous.device == x_T.device:
-            self.previous.zero_()
-        else:
-            self.previous = torch.zeros_like(x_T)
+        """Zero the last x0_hat and h (in place: a captured graph keeps their address)."""
+        self.x0_hat_last = state_buffer(self.x0_hat_last, x_T)
+        self.h_last.zero_()
 
-    def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        # 1. predicted x_0, 2. bounded (clipped or thresholded)
-        x0_hat = self.predict_x0(i, model_output, x_t)
-        # 3. the data prediction, corrected by its change since the last step (0 at first order)
-        x_prev = (at(self.sigma_ratio, i) * x_t + at(self.data_coef, i) * x0_hat
-                  + at(self.difference_coef, i) * (x0_hat - self.previous))
-        # 4. keep this step's x0_hat for the next
-        self.previous.copy_(x0_hat)
-        return x_prev
+    def step(self, i: Step, model_output: torch.Tensor, x_s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        # 1. alpha and sigma at s (this step) and t (the next), h = lambda_t - lambda_s
+        abar_s, abar_t = at(self.alphas_cumprod, i), at(self.alphas_cumprod, i + 1)
+        sigma_s, alpha_t, sigma_t = (1 - abar_s).sqrt(), abar_t.sqrt(), (1 - abar_t).sqrt()
+        h = at(self.lambdas, i + 1) - at(self.lambdas, i)
+        # 2. predicted x_0 (the data prediction), bounded (clipped or thresholded)
+        x0_hat = self.predict_x0(i, model_output, x_s)
+        # 3. D = x0_hat + (x0_hat - x0_hat_last) / (2 r), r = h_last / h; at first order, D = x0_hat
+        r = self.h_last / h
+        data = alpha_t * -torch.expm1(-h)  # -alpha_t (e^-h - 1)
+        difference = torch.where(at(self.second_order, i), 0.5 * data / r, 0.0)  # data / (2 r)
+        # 4. x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D, with D multiplied out
+        x_t = ((sigma_t / sigma_s).float() * x_s + data.float() * x0_hat
+               + difference.float() * (x0_hat - self.x0_hat_last))
+        # 5. keep x0_hat and h for the next step
+        self.x0_hat_last.copy_(x0_hat)
+        self.h_last.copy_(h.reshape(()))
+        return x_t
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> torch.Tensor:
@@ -283,43 +326,43 @@ class SigmaSampler(Sampler):
     - Each step follows the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al.,
       Eq. 4 with sigma(t) = t) from sigma_i towards sigma_(i+1), the last to sigma = 0: x0_hat itself.
 
-    `sigma_in[i]` is the sigma of model call i (Heun's calls repeat each sigma but the first).
+    `sigmas[i]` is the sigma of step i, float64, and 0 after the last; `call_sigma(i)` that of model
+    call i (one per step, but for Heun's).
     """
 
-    def __init__(self, timesteps: Sequence[float], sigma_in: torch.Tensor, spacing: str, prediction_type: str,
+    def __init__(self, timesteps: Sequence[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
         super().__init__(timesteps, prediction_type, bound, device, dtype=torch.float32)
-        top = float(sigma_in.max())
+        top = float(sigmas.max())
         self.init_noise_sigma = top if spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-        self.noise_levels = sigma_in  # the sigma of each model call, float64
-        self.sigma_in = sigma_in.float().to(device)  # sigma of model call i
-        self.input_scale = (sigma_in**2 + 1).rsqrt().float().to(device)  # 1 / sqrt(sigma^2 + 1)
+        self.noise_levels = sigmas[:-1]  # the sigma of each model call, float64
+        self.sigmas = per_step(sigmas, device)  # (num_steps + 1,)
+
+    def call_sigma(self, i: Step) -> torch.Tensor:
+        """The sigma of model call i, float64."""
+        return at(self.sigmas, i)
 
     def model_input(self, i: Step, x: torch.Tensor) -> torch.Tensor:
         """x_t = x / sqrt(sigma^2 + 1): the model was trained on x_t."""
-        return x * at(self.input_scale, i)
+        return x * (self.call_sigma(i) ** 2 + 1).rsqrt().float()
 
     def predict_x0(self, i: Step, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x0_hat at call i from whatever the model predicts, bounded: (B, C, H, W)."""
-        return self.bound(predict_x0_from_sigma(at(self.sigma_in, i), x, model_output, self.prediction_type))
+        return self.bound(predict_x0_from_sigma(self.call_sigma(i).float(), x, model_output, self.prediction_type))
 
     def slope(self, i: Step, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The ODE's dx/dsigma = (x - x0_hat) / sigma at call i."""
-        return (x - self.predict_x0(i, model_output, x)) / at(self.sigma_in, i)
+        return (x - self.predict_x0(i, model_output, x)) / self.call_sigma(i).float()
 
 
 class Euler(SigmaSampler):
     """Euler's method on the ODE, as k-diffusion's `sample_euler` and diffusers' EulerDiscreteScheduler:
         x_(i+1) = x_i + (sigma_(i+1) - sigma_i) (x_i - x0_hat) / sigma_i."""
 
-    def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
-                 bound: X0Bound, device: torch.device | str) -> None:
-        super().__init__(timesteps, sigmas[:-1], spacing, prediction_type, bound, device)
-        self.dt = (sigmas[1:] - sigmas[:-1]).float().to(device)  # sigma_(i+1) - sigma_i < 0
-
     def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         # 1. x0_hat (bounded) and the slope (x - x0_hat) / sigma, 2. a step of Euler's method
-        return x + self.slope(i, model_output, x) * at(self.dt, i)
+        dt = at(self.sigmas, i + 1) - at(self.sigmas, i)
+        return x + self.slope(i, model_output, x) * dt.float()
 
 
 class EulerAncestral(SigmaSampler):
@@ -332,48 +375,52 @@ class EulerAncestral(SigmaSampler):
 
     def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
-        super().__init__(timesteps, sigmas[:-1], spacing, prediction_type, bound, device)
-        s_from, s_to = sigmas[:-1], sigmas[1:]
-        up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2).sqrt()
-        self.dt = ((s_to**2 - up**2).sqrt() - s_from).float().to(device)  # sigma_down - sigma_i
-        self.up = up.float().to(device)
-        self.needs_noise = (up > 0).tolist()  # the last step, to sigma = 0, adds none
+        super().__init__(timesteps, sigmas, spacing, prediction_type, bound, device)
+        self.needs_noise = (self.sigma_up(sigmas[:-1], sigmas[1:]) > 0).tolist()  # the last step, to 0, adds none
+
+    @staticmethod
+    def sigma_up(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        """sigma_up, float64 (elementwise: one step, or all of them)."""
+        return (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
 
     def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        sigma, sigma_next = at(self.sigmas, i), at(self.sigmas, i + 1)
+        sigma_up = self.sigma_up(sigma, sigma_next)
+        sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
         # 1. Euler's step to sigma_down, 2. noise up to sigma_(i+1)
-        x_next = x + self.slope(i, model_output, x) * at(self.dt, i)
-        return x_next if z is None else x_next + z * at(self.up, i)
+        x_next = x + self.slope(i, model_output, x) * (sigma_down - sigma).float()
+        return x_next if z is None else x_next + z * sigma_up.float()
 
 
 class Heun(SigmaSampler):
     """Heun's method, Karras et al. 2022, Algorithm 1 (no churn), as diffusers' HeunDiscreteScheduler:
     an Euler step from sigma_i to sigma_(i+1) (one model call), then the slope there (a second call)
     averaged with the first, and the step taken again from x_i with it. The last step, to sigma = 0,
-    stays Euler's. So a run of n steps makes 2n - 1 model calls, and its loop has that many steps:
-    call j is at sigma_(ceil(j/2)), first order for even j. The saved x_i and slope are fixed buffers."""
+    stays Euler's. So a run of n steps makes 2n - 1 model calls, and its loop has that many: call j
+    belongs to step j // 2 and is at sigma_(ceil(j/2)), first order for even j. The saved x_i and
+    slope are fixed buffers."""
 
     def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
         calls = torch.arange(2 * len(timesteps) - 1)
         level = (calls + 1) // 2  # call j evaluates at sigma_(ceil(j/2))
-        super().__init__([timesteps[k] for k in level.tolist()], sigmas[level], spacing, prediction_type, bound,
-                         device)
+        super().__init__([timesteps[k] for k in level.tolist()], sigmas, spacing, prediction_type, bound, device)
+        self.noise_levels = sigmas[level]
         self.first = (calls % 2 == 0).to(device)  # a first-order (Euler) call; odd calls correct it
-        step_of_call = calls // 2  # the step a call belongs to
-        self.dt = (sigmas[step_of_call + 1] - sigmas[step_of_call]).float().to(device)
         self.saved_x: torch.Tensor | None = None
         self.saved_slope: torch.Tensor | None = None
 
+    def call_sigma(self, i: Step) -> torch.Tensor:
+        """The sigma of model call i: sigma_(ceil(i/2))."""
+        return at(self.sigmas, (i + 1) // 2)
+
     def start(self, x_T: torch.Tensor) -> None:
-        """Zero the saved x_i and slope, in place when they fit (a captured graph keeps their address)."""
-        if self.saved_x is not None and self.saved_x.shape == x_T.shape and self.saved_x.device == x_T.device:
-            self.saved_x.zero_()
-            self.saved_slope.zero_()
-        else:
-            self.saved_x, self.saved_slope = torch.zeros_like(x_T), torch.zeros_like(x_T)
+        """Zero the saved x_i and slope (in place: a captured graph keeps their address)."""
+        self.saved_x, self.saved_slope = state_buffer(self.saved_x, x_T), state_buffer(self.saved_slope, x_T)
 
     def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        first, dt = at(self.first, i), at(self.dt, i)
+        first, step = at(self.first, i), i // 2
+        dt = (at(self.sigmas, step + 1) - at(self.sigmas, step)).float()
         slope = self.slope(i, model_output, x)
         # first order: Euler from x_i; second: from the saved x_i with the mean of both slopes
         x_next = torch.where(first, x + slope * dt, self.saved_x + (self.saved_slope + slope) / 2 * dt)
@@ -413,16 +460,15 @@ class LMS(SigmaSampler):
 
     def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
-        super().__init__(timesteps, sigmas[:-1], spacing, prediction_type, bound, device)
+        super().__init__(timesteps, sigmas, spacing, prediction_type, bound, device)
+        # integrals over up to four sigmas (`lms_coefficients`), computed once on the host: no formula
+        # of step i's own sigmas, so the step reads them from this table
         self.coefficients = lms_coefficients(sigmas).float().to(device)  # (num_steps, 4)
         self.slopes: torch.Tensor | None = None  # (4, B, C, H, W): slope_i, slope_(i-1), ...
 
     def start(self, x_T: torch.Tensor) -> None:
-        """Zero the slopes, in place when they fit (a captured graph keeps their address)."""
-        if self.slopes is not None and self.slopes.shape[1:] == x_T.shape and self.slopes.device == x_T.device:
-            self.slopes.zero_()
-        else:
-            self.slopes = torch.zeros(LMS_ORDER, *x_T.shape, device=x_T.device)
+        """Zero the slopes (in place: a captured graph keeps their address)."""
+        self.slopes = state_buffer(self.slopes, x_T.expand(LMS_ORDER, *x_T.shape))
 
     def step(self, i: Step, model_output: torch.Tensor, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         # 1. this step's slope, newest first among the last four

@@ -123,23 +123,6 @@ def alphas_cumprod_float64(schedule: NoiseSchedule) -> torch.Tensor:
     return torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)
 
 
-def respace(schedule: NoiseSchedule, timesteps: list[int]) -> NoiseSchedule:
-    """The schedule restricted to `timesteps` (ascending), as improved-diffusion's `respace` builds it.
-
-    Its step k has beta_k = 1 - abar_{t_k} / abar_{t_(k-1)}, so its abar_k is the original's
-    abar_{t_k}, and every derived buffer (posterior mean and variance, Eq. 7) is that of the jump
-    from t_k to t_(k-1). A fast sampler then uses the same named formulas as the full loop.
-    """
-    return schedule_through(alphas_cumprod_float64(schedule)[torch.tensor(timesteps)]).to(schedule.betas.device)
-
-
-def schedule_through(alphas_cumprod: torch.Tensor) -> NoiseSchedule:
-    """The schedule whose step k has alpha-bar `alphas_cumprod[k]` (float64, descending): `respace`'s,
-    or one through noise levels that are not the model's timesteps (Karras et al.'s sigmas)."""
-    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return schedule_from_betas(1 - alphas_cumprod / previous)
-
-
 def summary_rows(schedule: NoiseSchedule, points: int = 6) -> list[dict[str, float]]:
     """Rows (t, beta, alpha_bar, sigma, snr) at `points` evenly spread timesteps, ends included."""
     T = schedule.num_timesteps
