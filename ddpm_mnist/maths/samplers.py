@@ -124,7 +124,8 @@ class Respaced(Sampler):
     to the next step's noise level (to abar = 1, the clean image, at the last), and the alpha-bars
     follow from those betas as `schedule.schedule_from_betas` derives them. So a run of 50 steps
     uses the paper's formulas as they are, with t -> step i and t - 1 -> step i + 1, and the full
-    loop's are the schedule's own. The alpha-bars are those of the timesteps, or of Karras et al.'s sigmas.
+    loop's values are the schedule's, up to float rounding. The alpha-bars are those of the
+    timesteps, or of Karras et al.'s sigmas.
 
     `betas[i]` and `alphas_cumprod[i]` (float64; the latter 1 after the last step) are in step order;
     `step` computes its coefficients from them, then applies them in float32.
