@@ -26,11 +26,12 @@ STRIP_TIMESTEPS = 8  # columns of the snapshot strip
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> torch.Tensor:
-    """Write images (B, 1, 28, 28) in [-1, 1] as one PNG grid; return the grid (3, H, W) uint8."""
+    """Write images (B, 1, 28, 28), uint8 or float in [-1, 1], as one PNG grid; return the grid (3, H, W) uint8."""
     from torchvision.utils import make_grid, save_image
 
     nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
-    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2, pad_value=255)  # (3, H, W) uint8
+    pixels = images.cpu() if images.dtype == torch.uint8 else to_uint8(images.cpu())
+    grid = make_grid(pixels, nrow=nrow, padding=2, pad_value=255)  # (3, H, W) uint8
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         save_image(grid.float() / 255, tmp, format="png")  # exact: save_image rounds x * 255 back
@@ -160,3 +161,21 @@ class TrajectoryRecorder:
         x_t = [self.x_t[i] for i in self.strip_steps]
         x0_hat = [self.x0_hat[i] for i in self.strip_steps]
         save_figure(trajectory_figure(timesteps, x_t, x0_hat, rows=min(self.count, 4)), path, dpi=100)
+
+
+def shaded(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Inputs with their hole shown: uint8 (N, 1, 28, 28), the hole a mid grey."""
+    return torch.where(hole, torch.tensor(96, dtype=torch.uint8), images)
+
+
+def save_gif(frames: torch.Tensor, path: Path, *, scale: int = 4, duration_ms: int = 120) -> Path:
+    """Frames uint8 (K, 1, 28, 28) as a looping GIF, each frame scaled up `scale` times (nearest)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures = [Image.fromarray(frame[0].numpy(), mode="L").resize((28 * scale, 28 * scale), Image.NEAREST)
+                for frame in frames]
+    pictures += pictures[-2:0:-1]  # back again, so the loop has no jump
+    with atomic_file(path) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
+    return path

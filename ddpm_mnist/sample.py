@@ -25,9 +25,11 @@ from ddpm_mnist.config import SAMPLE_TIME_KEYS, Config, ModelConfig, SampleReque
 from ddpm_mnist.data import to_uint8
 from ddpm_mnist.device import Runtime, autocast, available_memory_bytes, setup_runtime
 from ddpm_mnist.errors import UserError, note
-from ddpm_mnist.maths.samplers import IMAGE_SHAPE, NOISE_CHUNK, NoiseSource, Sampler, Step, sampler_for
+from ddpm_mnist.maths.samplers import IMAGE_SHAPE, NOISE_CHUNK, NoiseSource, Sampler, Step, StepFn, sampler_for
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+Loop = Callable[[Sampler, NoiseSource, StepFn], torch.Tensor]  # a loop over steps: `reverse_loop`, or an edit's
+
 
 def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +41,7 @@ def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z
     return sampler.step(i, output, x, z), output  # float32: autocast leaves elementwise ops alone
 
 
-def reverse_loop(sampler: Sampler, noise: NoiseSource, step: Callable[[int, torch.Tensor, torch.Tensor | None],
-                                                                     torch.Tensor]) -> torch.Tensor:
+def reverse_loop(sampler: Sampler, noise: NoiseSource, step: StepFn) -> torch.Tensor:
     """Algorithm 2 of Ho et al. for any sampler: x_T = init_noise_sigma * z, then for each step i the
     noise z it adds (if any) and `step(i, x, z)`, which calls the model and the sampler's step
     (`reverse_step`, wrapped by `generate`). Returns x after the last step, unclamped."""
@@ -64,15 +65,16 @@ def generate(
     on_step: StepCallback | None = None,
     progress: Callable[[int], None] | None = None,
     static: bool = False,
+    loop: Loop = reverse_loop,
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 for one batch: float32 (B, 1, 28, 28) in [-1, 1].
 
-    `reverse_loop`, with what wraps each step around it: `on_step(i, t, x, model_output)` sees each
-    step (for trajectories); `progress(1)` follows each (a tqdm bar's update); the CPU threads
-    follow what else keeps the machine busy (`Runtime.share_cpu`). `static=True` runs the steps on
-    fixed buffers (`FixedBuffers`), which on CUDA replays one captured CUDA graph per step; the
-    images are the same as without it, up to float rounding. A result that is not finite is a
-    UserError (`finite`)."""
+    `loop` (`reverse_loop`, or one of `maths.editing`'s), with what wraps each step around it:
+    `on_step(i, t, x, model_output)` sees each step (for trajectories); `progress(1)` follows each
+    (a tqdm bar's update); the CPU threads follow what else keeps the machine busy
+    (`Runtime.share_cpu`). `static=True` runs the steps on fixed buffers (`FixedBuffers`), which on
+    CUDA replays one captured CUDA graph per step; the images are the same as without it, up to
+    float rounding. A result that is not finite is a UserError (`finite`)."""
     fixed = FixedBuffers(model, sampler, runtime) if static and on_step is None else None
 
     def step(i: int, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +91,7 @@ def generate(
 
     # eager: one autocast context for the whole loop, so the weights are cast to bf16 once
     with autocast(runtime) if fixed is None else contextlib.nullcontext():
-        x = reverse_loop(sampler, noise, step)
+        x = loop(sampler, noise, step)
     return finite(x).clamp(-1, 1)
 
 
@@ -151,9 +153,10 @@ class FixedBuffers:
     The reverse loop of a small U-Net is launch-bound on a GPU: about a hundred small kernels per
     step, a thousand steps. Replaying a graph launches them all at once. Only the inputs change
     between steps, and they are copied into the buffers: i (which picks t and the per-step values
-    on the device), and z, drawn outside the graph by the per-image generators, so seeded runs
-    stay reproducible; a multistep sampler's state is its own fixed buffer. Elsewhere the same body
-    runs eagerly (this is what the CPU tests exercise). The buffers take x_T at the first step.
+    on the device), x (which a loop may change between steps: an inpainting loop puts the known
+    pixels back), and z, drawn outside the graph by the per-image generators, so seeded runs stay
+    reproducible; a multistep sampler's state is its own fixed buffer. Elsewhere the same body runs
+    eagerly (this is what the CPU tests exercise). The buffers are made at the first step run.
     """
 
     def __init__(self, model: nn.Module, sampler: Sampler, runtime: Runtime):
@@ -170,7 +173,8 @@ class FixedBuffers:
         self.x.copy_(x_next)
 
     def _start(self, x_T: torch.Tensor) -> None:
-        """The buffers, from x_T (the sampler has started from it); on CUDA, the captured graph."""
+        """The buffers, from the first x (x_T, or where an edit starts; the sampler has started from
+        it); on CUDA, the captured graph."""
         self.x, self.z = x_T.clone(), torch.zeros_like(x_T)
         self.i = torch.zeros(1, dtype=torch.long, device=x_T.device)
         if x_T.device.type != "cuda":
@@ -188,10 +192,11 @@ class FixedBuffers:
         self.sampler.start(self.x)  # in place: the graph keeps the state's address
 
     def step(self, i: int, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        """Run step i from x (read at the first step only: after it, x is the buffer's own) with z,
-        its noise or None; returns a copy of x after it."""
-        if i == 0:
+        """Run step i from x with z, its noise or None; returns a copy of x after it."""
+        if self.x is None:
             self._start(x)
+        else:
+            self.x.copy_(x)
         self.i.fill_(i)
         if z is not None:
             self.z.copy_(z)

@@ -124,6 +124,12 @@ def default_grid_path(ckpt_path: Path, cfg: Config) -> Path:
     spacing += "_karras" if s.sigma_schedule == "karras" else ""
     spacing += "_thresholded" if s.thresholding else ""
     name = f"{s.sampler}{cfg.reverse_steps}{spacing}{conditioning}_seed{cfg.seed}_n{s.n}{weights}.png"
+    return beside_checkpoint(ckpt_path, name)
+
+
+def beside_checkpoint(ckpt_path: Path, name: str) -> Path:
+    """`<run>/samples/<name>` for a checkpoint inside a run folder, else `<checkpoint's stem>_<name>`
+    next to it: where a command that reads a checkpoint writes by default."""
     if ckpt_path.name in ("", ".", ".."):  # `--ckpt .` inside an exported folder: name it by its real name
         ckpt_path = resolved(ckpt_path)
     if ckpt_path.parent.name == "checkpoints":

@@ -44,6 +44,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_training(cfg, hooks=training_hooks(cfg))
 
 
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A conditional smoke run (model.num_classes: 10) trained once per session (20 steps); tests
+    must not modify it."""
+    from ddpm_mnist.previews import training_hooks
+    from ddpm_mnist.train import run_training
+
+    out = tmp_path_factory.mktemp("conditional")
+    cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", "train.sample_every=0",
+                              "model.num_classes=10"])
+    return run_training(cfg, hooks=training_hooks(cfg))
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A real filesystem of a given size (tmpfs; needs root), unmounted afterwards."""

@@ -15,7 +15,7 @@ from conftest import FIXTURE_ROOT, ROOT, SMOKE, run_cli
 from helpers import smoke_run, weights
 from PIL import Image
 
-from ddpm_mnist.config import Config, ModelConfig, TrainConfig, apply_overrides, load_config
+from ddpm_mnist.config import Config, ModelConfig, TrainConfig, apply_overrides
 from ddpm_mnist.data import EpochBatches
 from ddpm_mnist.device import Runtime
 from ddpm_mnist.images import load_samples, load_samples_and_labels
@@ -26,17 +26,6 @@ from ddpm_mnist.trainstate import TrainState
 
 CONDITIONAL = ["model.num_classes=10"]
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A conditional smoke run trained once per session (20 steps); tests must not modify it."""
-    from ddpm_mnist.previews import training_hooks
-    from ddpm_mnist.train import run_training
-
-    out = tmp_path_factory.mktemp("conditional")
-    cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", "train.sample_every=0", *CONDITIONAL])
-    return run_training(cfg, hooks=training_hooks(cfg))
 
 
 def conditional_model() -> UNet:

@@ -19,12 +19,16 @@ formula a line, in float64, then applies them in float32. Only an index read cha
 step to the next, so a CUDA graph replays a step with only i and z changing; a multistep sampler's
 state is a fixed buffer that `start` resets in place. Adding a sampler is one class here and one
 line in `SAMPLERS`.
+
+For the loops that start mid-way or jump back (`maths/editing.py`), a sampler also gives x at step
+i from a clean image in closed form (`noised`, diffusers' `add_noise`) and one forward step from
+step i + 1 back to step i (`renoise`); `multistep` says whether its steps need the ones before.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +48,7 @@ from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, mak
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
 
 Step = int | torch.Tensor  # a step index, or a 1-element int64 tensor on the device (CUDA-graph replay)
+StepFn = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # a loop's step(i, x, z) -> x at i + 1
 
 
 def dynamic_threshold(x0_hat: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -81,6 +86,7 @@ class Sampler:
     """What every sampler shares: its timesteps, x0_hat's bound, and the three moves of the loop."""
 
     init_noise_sigma = 1.0  # x_T = init_noise_sigma * z
+    multistep = False  # whether a step reads state that earlier steps left (so a loop cannot start mid-way)
     noise_levels: torch.Tensor  # sigma = sqrt((1 - abar) / abar) at each model call, float64 (`ddpm schedule`)
 
     def __init__(self, timesteps: Sequence[float], prediction_type: str, bound: X0Bound,
@@ -140,6 +146,18 @@ class Respaced(Sampler):
         derived = torch.cumprod((1 - betas).flip(0), dim=0).flip(0)  # abar = prod (1 - beta), in t's order
         self.betas = per_step(betas, device)  # (num_steps,)
         self.alphas_cumprod = per_step(torch.cat([derived, one]), device)  # (num_steps + 1,)
+
+    def noised(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x at step i from a clean image, in closed form (q(x_t | x_0), Eq. 4): sqrt(abar_i) x0 +
+        sqrt(1 - abar_i) eps; x0 itself at i = num_steps (diffusers' `add_noise`)."""
+        abar = at(self.alphas_cumprod, i)
+        return abar.sqrt().float() * x0 + (1 - abar).sqrt().float() * eps
+
+    def renoise(self, i: int, x_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x at step i from x at step i + 1, one forward step q(x_t | x_(t-1)) (Eq. 2):
+        sqrt(1 - beta_i) x_next + sqrt(beta_i) z. RePaint's jump back."""
+        beta = at(self.betas, i)
+        return (1 - beta).sqrt().float() * x_next + beta.sqrt().float() * z
 
     def predict_x0(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """x0_hat at step i from whatever the model predicts, bounded: (B, C, H, W)."""
@@ -245,6 +263,8 @@ class DPMSolverPP2M(Respaced):
     step's x0_hat and h, is a fixed buffer.
     """
 
+    multistep = True
+
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: Sequence[float], prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
         dtype = torch.long if all(float(t).is_integer() for t in timesteps) else torch.float32
@@ -343,6 +363,14 @@ class SigmaSampler(Sampler):
         """The sigma of model call i, float64."""
         return at(self.sigmas, i)
 
+    def noised(self, i: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x at step i from a clean image, in closed form: x0 + sigma_i eps (x0 itself at i = num_steps)."""
+        return x0 + at(self.sigmas, i).float() * eps
+
+    def renoise(self, i: int, x_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x at step i from x at step i + 1: x_next + sqrt(sigma_i^2 - sigma_(i+1)^2) z. RePaint's jump back."""
+        return x_next + (at(self.sigmas, i) ** 2 - at(self.sigmas, i + 1) ** 2).sqrt().float() * z
+
     def model_input(self, i: Step, x: torch.Tensor) -> torch.Tensor:
         """x_t = x / sqrt(sigma^2 + 1): the model was trained on x_t."""
         return x * (self.call_sigma(i) ** 2 + 1).rsqrt().float()
@@ -401,6 +429,8 @@ class Heun(SigmaSampler):
     belongs to step j // 2 and is at sigma_(ceil(j/2)), first order for even j. The saved x_i and
     slope are fixed buffers."""
 
+    multistep = True
+
     def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
         calls = torch.arange(2 * len(timesteps) - 1)
@@ -458,6 +488,8 @@ class LMS(SigmaSampler):
     """Linear multistep of order 4 on the ODE, as diffusers' LMSDiscreteScheduler (k-diffusion's
     `sample_lms`): x_(i+1) = x_i + sum_j c_ij slope_(i-j) over the last four slopes (`lms_coefficients`;
     fewer at the first steps). The slopes are a fixed buffer, newest first."""
+
+    multistep = True
 
     def __init__(self, timesteps: list[float], sigmas: torch.Tensor, spacing: str, prediction_type: str,
                  bound: X0Bound, device: torch.device | str) -> None:
