@@ -53,6 +53,16 @@ def sample(
                            tensor_path=tensor, trajectory=trajectory, overrides=set_)
 
 
+SWEEP_HELP = ("Compare settings from the same seeds, e.g. ancestral:1000,ddim:50,dpmpp_2m:20 "
+              "(sampler:steps[:spacing]).")
+PLOT_HELP = ("With --sweep: also plot fid_mnist against model evaluations (with --guidance W1,W2,...: fid_mnist and "
+             "class_accuracy against W).")
+NLL_HELP = ("Instead of sampling: the variational bound on -log p(x) of the first --n MNIST test digits "
+            "(default 100), in bits/dim, term by term.")
+NLL_TIMESTEPS_HELP = ("With --nll: estimate the sum over timesteps from this many stratified ones per digit "
+                      "(default: every timestep, exact).")
+
+
 def eval_(
     ckpt: Path = typer.Option(None, "--ckpt", help="Checkpoint (or exported weights file, or diffusers folder) to "
                               "sample from, then measure."),
@@ -66,22 +76,25 @@ def eval_(
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     data: str = typer.Option(None, "--data", help="Folder holding MNIST/raw/ (default: data.root of the run)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON."),
-    sweep: str = typer.Option(
-        None, "--sweep", help="Compare settings from the same seeds, e.g. ancestral:1000,ddim:50,dpmpp_2m:20 "
-        "(sampler:steps[:spacing])."
-    ),
-    plot: Path = typer.Option(
-        None, "--plot", help="With --sweep: also plot fid_mnist against model evaluations (with --guidance "
-        "W1,W2,...: fid_mnist and class_accuracy against W)."
-    ),
-    guidance: str = typer.Option(
-        None, "--guidance", help="Conditional models: guidance weight W, or several (1,2,3,5) for one row each."
-    ),
-    set_: list[str] = typer.Option(
-        None, "--set", help="Override a sample.* or runtime.* key of the stored config, e.g. sample.eta=0.5."
-    ),
+    sweep: str = typer.Option(None, "--sweep", help=SWEEP_HELP),
+    plot: Path = typer.Option(None, "--plot", help=PLOT_HELP),
+    guidance: str = typer.Option(None, "--guidance", help="Conditional models: guidance weight W, or several "
+                                 "(1,2,3,5) for one row each."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a sample.* or runtime.* key of the stored config, "
+                                   "e.g. sample.eta=0.5."),
+    nll: bool = typer.Option(False, "--nll", help=NLL_HELP),
+    nll_timesteps: int = typer.Option(None, "--nll-timesteps", help=NLL_TIMESTEPS_HELP),
 ) -> None:
-    """Measure sample quality with the project's MNIST classifier, beside a floor of real digits."""
+    """Measure sample quality with the project's MNIST classifier, beside a floor of real digits; or,
+    with --nll, the model's likelihood bound in bits per dimension."""
+    if nll or nll_timesteps is not None:  # the bound samples nothing: refuse what only sampling would use
+        from ddpm_mnist.nll import likelihood_bound
+
+        likelihood_bound(ckpt, n=n, seed=seed, timesteps=nll_timesteps, device_name=device, data_root=data,
+                         json_path=json_path, sampling_flags={"--samples": samples, "--sweep": sweep, "--plot": plot,
+                         "--guidance": guidance, "--steps": steps, "--sampler": sampler, "--batch-size": batch_size,
+                         "--set": set_, "--nll-timesteps without --nll": not nll})
+        return
     from ddpm_mnist.sweep import evaluate_or_sweep
 
     request = SampleRequest(n=n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size)
