@@ -22,13 +22,20 @@ def stopped_line(err: str) -> str:
     return lines[-1].split("\r")[-1].strip()
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, code, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_during_sampling_exits_with_its_code_and_says_what_was_kept(trained_run: Path, tmp_path: Path,
                                                                             signum: int, code: int, name: str) -> None:
     cmd = [sys.executable, "-m", "ddpm_mnist", "sample", "--ckpt", str(trained_run / "checkpoints" / "latest.pt"),
            "--n", "64", "--steps", "1000", "--batch-size", "8", "--out", str(tmp_path / "g.png"),
            "--images-dir", str(tmp_path / "each")]
+    # a terminal's Ctrl-C reaches a foreground process: SIGINT at its default, even where this test
+    # runs as a background job (which a shell starts with SIGINT ignored, and the child would inherit)
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            preexec_fn=default_sigint,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith("sampling 64 images")  # the loop has begun
     deadline = time.time() + 120
