@@ -84,8 +84,9 @@ def unet_config(model: ModelConfig) -> dict[str, Any]:
     levels = [28 // 2**level in model.attention_resolutions for level in range(len(model.channel_mult))]
     return {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": 28, "in_channels": 1, "out_channels": 1, "center_input_sample": False,
-        "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+        "sample_size": 28, "in_channels": 1, "out_channels": 2 if model.learn_variance else 1,
+        "center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None,
+        "freq_shift": 0, "flip_sin_to_cos": True,
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in levels],
         "mid_block_type": "UNetMidBlock2D",
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)],
@@ -301,6 +302,8 @@ def read_folder(folder: Path) -> tuple[Config, dict[str, torch.Tensor], int]:
     raw["model"] = {**to_dict(Config())["model"], **model, "prediction_type": prediction}
     raw["schedule"] = schedule
     raw["sample"] = {**raw["sample"], **sample}
+    if sample.get("variance_type") == "learned_range":  # how such a model is trained, should it train on
+        raw["train"] = {**raw["train"], "loss": "hybrid"}
     cfg = config_from_dict(raw, f"{folder} (its diffusers configs)")
     tensors, _ = read_tensors(folder / "unet" / WEIGHTS)
     with torch.device("meta"):
@@ -313,7 +316,7 @@ def read_folder(folder: Path) -> tuple[Config, dict[str, torch.Tensor], int]:
 
 
 # UNet2DModel keys and the only values our U-Net family has for them
-FIXED_UNET = {"sample_size": 28, "in_channels": 1, "out_channels": 1, "center_input_sample": False,
+FIXED_UNET = {"sample_size": 28, "in_channels": 1, "center_input_sample": False,
               "time_embedding_type": "positional", "freq_shift": 0, "flip_sin_to_cos": True,
               "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_padding": 1,
               "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu", "norm_eps": 1e-5,
@@ -376,6 +379,9 @@ def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
     if unet.get("attn_norm_num_groups") not in ({None} if shift == "default" else {unet.get("norm_num_groups", 32)}):
         raise CheckpointError(f"{where}: attn_norm_num_groups is {unet.get('attn_norm_num_groups')!r}; ddpm-mnist's "
                               "attention blocks normalise with norm_num_groups")
+    if unet.get("out_channels", 1) not in (1, 2):
+        raise CheckpointError(f"{where}: out_channels is {unet['out_channels']!r}; ddpm-mnist's U-Net has 1 (or 2: "
+                              "the noise and a learned variance)")
     classes = unet.get("num_class_embeds")
     if classes not in (None, 11):
         raise CheckpointError(f"{where}: num_class_embeds must be null or 11 (digits and 'no class'), got {classes!r}")
@@ -384,7 +390,7 @@ def model_from_unet_config(unet: dict[str, Any], where: Path) -> dict[str, Any]:
             "attention_resolutions": [28 // 2**level for level, a in enumerate(attention) if a],
             "num_heads": channels[-1] // head_dim, "dropout": unet.get("dropout", 0.0),
             "num_groups": unet.get("norm_num_groups", 32), "num_classes": 10 if classes else 0,
-            "time_conditioning": TIME_CONDITIONING[shift]}
+            "time_conditioning": TIME_CONDITIONING[shift], "learn_variance": unet.get("out_channels", 1) == 2}
 
 
 def schedule_from_scheduler(scheduler: dict[str, Any], where: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:

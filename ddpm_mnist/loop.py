@@ -180,7 +180,7 @@ def train_step(state: TrainState, forward: nn.Module, schedule: NoiseSchedule, b
     # line 5: a gradient step on the loss of the prediction
     with autocast(runtime):
         losses = training_losses(forward, schedule, x0, timesteps, noise, cfg.model.prediction_type, training.loss,
-                                 labels, training.min_snr_gamma)
+                                 labels, training.min_snr_gamma, training.vlb_weight)
     loss = losses.mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()

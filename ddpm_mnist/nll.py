@@ -11,8 +11,8 @@ estimate's own spread.
 The model runs in float32 whatever `runtime.mixed_precision` says: at small t the step terms
 divide by variances near 1e-4, where bf16's three digits would dominate the bound. A conditional
 model is measured by its unconditional half, the bound on p(x). x0_hat is clipped to [-1, 1] and
-the step's variance is the sampler's fixed one (`sample.variance_type`), as improved-diffusion's
-`calc_bpd_loop` computes it.
+the step's variance is `sample.variance_type`'s: the fixed one, or the one a model with
+`model.learn_variance` outputs (learned_range), as improved-diffusion's `calc_bpd_loop` computes it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ddpm_mnist import checkpoint as ckpt
 from ddpm_mnist.data import load_mnist, to_model_range
 from ddpm_mnist.device import setup_runtime
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.maths import likelihood
+from ddpm_mnist.maths import bound, likelihood
 from ddpm_mnist.paths import check_paths, check_suffix, ensure_writable, write_text
 
 NLL_N = 100  # test digits by default: the exact bound makes T model calls per digit
@@ -77,9 +77,9 @@ def measure_nll(ckpt_path: Path, *, n: int | None, timesteps: int | None, seed: 
             indices = range(first, min(first + NLL_BATCH, n))
             x0 = to_model_range(images[indices.start:indices.stop]).to(runtime.device)
             with torch.inference_mode():
-                batch = likelihood.bound(model, cfg.schedule, x0, indices, seed=seed, timesteps=timesteps,
-                                         prediction_type=cfg.model.prediction_type,
-                                         variance_type=cfg.sample.variance_type, progress=bar.update)
+                batch = bound.bound(model, cfg.schedule, x0, indices, seed=seed, timesteps=timesteps,
+                                    prediction_type=cfg.model.prediction_type,
+                                    variance_type=cfg.sample.variance_type, progress=bar.update)
             bar.update(1)
             for key, value in batch.items():
                 parts[key].append(value.cpu())

@@ -37,7 +37,7 @@ def reverse_step(model: nn.Module, sampler: Sampler, i: Step, x: torch.Tensor, z
     (x_t; x / sqrt(sigma^2 + 1) in the sigma view) and t_i, then the sampler's x at step i + 1.
     Returns (x_next, model_output)."""
     t = sampler.timesteps[i].expand(x.shape[0])  # (B,): i may be a device tensor (graph replay)
-    output = model(sampler.model_input(i, x), t).float()
+    output = sampler.model_output(model(sampler.model_input(i, x), t).float(), x)
     return sampler.step(i, output, x, z), output  # float32: autocast leaves elementwise ops alone
 
 
@@ -108,9 +108,10 @@ def finite(x: torch.Tensor) -> torch.Tensor:
 class Guided(nn.Module):
     """A class-conditional model asked for given digits, with classifier-free guidance (Ho & Salimans
     2022): out = out_uncond + W * (out_cond - out_uncond), on whatever the model predicts (eps, v or
-    x0), the diffusers/Imagen convention. W = 1 runs the conditional half alone (plain conditional
-    sampling), W = 0 the unconditional half alone; otherwise both come from one forward pass of 2B
-    images. The labels are fixed for the batch, so a captured CUDA graph replays them."""
+    x0), the diffusers/Imagen convention; a learned variance is the conditional half's. W = 1 runs
+    the conditional half alone (plain conditional sampling), W = 0 the unconditional half alone;
+    otherwise both come from one forward pass of 2B images. The labels are fixed for the batch, so a
+    captured CUDA graph replays them."""
 
     def __init__(self, model: nn.Module, labels: torch.Tensor, guidance: float, num_classes: int) -> None:
         super().__init__()
@@ -125,7 +126,11 @@ class Guided(nn.Module):
         if self.guidance == 0:
             return self.model(x, t, self.no_class)
         cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), self.both).float().chunk(2)
-        return uncond + self.guidance * (cond - uncond)
+        guided = uncond + self.guidance * (cond - uncond)
+        channels = x.shape[1]
+        if guided.shape[1] == 2 * channels:  # a learned variance: guide the prediction, keep cond's v (as GLIDE)
+            guided = torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
+        return guided
 
 
 def digit_labels(digits: Sequence[int], indices: Sequence[int], device: torch.device) -> torch.Tensor:

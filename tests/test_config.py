@@ -185,6 +185,38 @@ def test_values_that_would_overflow_or_give_nan_later_are_refused_at_load(sets: 
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
+LEARNS = ["model.learn_variance=true", "train.loss=hybrid", "sample.variance_type=learned_range"]
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["sample.variance_type=learned_range"], "sample.variance_type: learned_range reads a variance this model does "
+                                             "not output (model.learn_variance: false)"),
+    (["model.learn_variance=true", "train.loss=hybrid"], "sample.variance_type: fixed_small would ignore the "
+                                                         "variance this model learns"),
+    (["train.loss=hybrid"], "train.loss: hybrid trains a learned variance"),
+    ([*LEARNS, "sample.variance_type=learned"], "learned reads the output as the variance itself"),
+    ([*LEARNS, "train.vlb_weight=-1"], "train.vlb_weight: must be >= 0, got -1"),
+    ([*LEARNS, "train.vlb_weight=nan"], "train.vlb_weight: must be a number, got 'nan'"),
+])
+def test_a_learned_variance_is_sampled_and_trained_as_one(sets: list[str], says: str, capsys) -> None:
+    args = ["config"]
+    for item in sets:
+        args += ["--set", item]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert apply_overrides(Config(), LEARNS).model.learn_variance
+
+
+def test_training_a_learned_variance_needs_the_hybrid_loss(tmp_path: Path, capsys) -> None:
+    """A model read from diffusers may learn its variance without saying how: its config loads, and
+    `ddpm train` refuses it in one line before any work."""
+    path = write(tmp_path, "model:\n  learn_variance: true\nsample:\n  variance_type: learned\n")
+    assert load_config(path).train.loss == "mse"
+    code, _, err = run_cli(capsys, "train", "--config", path, "--set", f"out_dir={tmp_path}")
+    assert code == 2 and "model.learn_variance: true needs train.loss: hybrid" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "mnist").exists()
+
+
 def test_a_length_on_the_command_line_replaces_the_files_and_says_so(capsys) -> None:
     cpu = ROOT / "configs" / "cpu.yaml"  # trains for a time budget
     code, out, err = run_cli(capsys, "config", "--config", cpu, "--set", "train.steps=3000")

@@ -7,6 +7,7 @@ same bytes as the checkpoint it came from.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers (the dev extra) c
 pytestmark = pytest.mark.slow
 
 CONDITIONAL = ["model.num_classes=10"]
+LEARNED = ["model.learn_variance=true", "train.loss=hybrid", "sample.variance_type=learned_range"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     found = {}
     for name, sets in {"epsilon": [], "v": ["model.prediction_type=v"], "x0": ["model.prediction_type=x0",
                        "schedule.beta_schedule=cosine", "sample.clip_sample=false"],
-                       "conditional": CONDITIONAL, "scale_shift": ["model.time_conditioning=scale_shift"]}.items():
+                       "conditional": CONDITIONAL, "scale_shift": ["model.time_conditioning=scale_shift"],
+                       "learned": LEARNED}.items():
         cfg = load_config(SMOKE, [f"data.root={FIXTURE_ROOT}", f"out_dir={out}", f"name={name}", "train.steps=4",
                                   "train.sample_every=0", *sets])
         found[name] = smoke_run(cfg) / "checkpoints" / "latest.pt"
@@ -47,7 +50,7 @@ def export(capsys, ckpt: Path, out: Path, *more: str) -> None:
     assert code == 0, err
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "v", "x0", "conditional", "scale_shift"])
+@pytest.mark.parametrize("kind", ["epsilon", "v", "x0", "conditional", "scale_shift", "learned"])
 def test_diffusers_loads_the_folder_and_computes_our_unets_output(runs, tmp_path: Path, capsys, kind: str) -> None:
     ckpt = runs[kind]
     export(capsys, ckpt, tmp_path / "pipe")
@@ -124,8 +127,57 @@ def test_diffusers_euler_scheduler_on_the_folder_draws_what_ddpm_sample_euler_dr
     assert (theirs.int() - ours.int()).abs().max() <= 1  # uint8 levels: float rounding may cross one
 
 
+def test_ddpm_pipeline_samples_a_learned_variance_as_ddpm_sample_does(runs, tmp_path: Path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' own loop on the exported folder (UNet2DModel with out_channels 2, DDPMScheduler with
+    learned_range), given ddpm sample's x_T and z, draws ddpm sample's images; DDPMPipeline runs it as is."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    from ddpm_mnist.data import to_uint8
+    from ddpm_mnist.maths.samplers import NoiseSource
+
+    export(capsys, runs["learned"], tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())["out_channels"] == 2
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    assert len(pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images) == 2
+    code, _, err = run_cli(capsys, "sample", "--ckpt", runs["learned"], "--steps", "6", "--n", "4", "--seed", "3",
+                           "--tensor", tmp_path / "ours.pt", "--out", tmp_path / "o.png",
+                           "--set", "runtime.mixed_precision=fp32")
+    assert code == 0, err
+    noise = NoiseSource(3, range(4), torch.device("cpu"))
+    monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *args, **kwargs: noise.next())
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(6)
+    x = noise.initial()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipe.unet(x, t).sample, t, x).prev_sample
+    theirs, ours = to_uint8(x.clamp(-1, 1)), torch.load(tmp_path / "ours.pt")
+    assert (theirs.int() - ours.int()).abs().max() <= 1  # uint8 levels: float rounding may cross one
+
+
+def test_a_learned_variance_folder_diffusers_wrote_itself_samples_and_measures(tmp_path: Path, capsys) -> None:
+    """A DDPMPipeline saved by diffusers (UNet2DModel with out_channels 2, learned_range) reads as a model
+    that learns its variance: ddpm sample and ddpm eval --nll run on it."""
+    model = ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[14],
+                        num_groups=4, dropout=0.0, learn_variance=True)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**{k: v for k, v in unet_config(model).items() if not k.startswith("_")})
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "theirs")
+    code, out, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "theirs", "--steps", "3", "--n", "2",
+                             "--out", tmp_path / "grid.png")
+    assert code == 0, err
+    assert (tmp_path / "grid.png").exists()
+    code, out, err = run_cli(capsys, "eval", "--ckpt", tmp_path / "theirs", "--nll", "--n", "2", "--nll-timesteps",
+                             "2", "--data", FIXTURE_ROOT, "--json", tmp_path / "nll.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "nll.json").read_text())
+    assert report["variance_type"] == "learned_range" and math.isfinite(report["bits_per_dim"])
+
+
 @pytest.mark.parametrize("fmt, kind", [("diffusers", "conditional"), ("safetensors", "conditional"),
-                                       ("diffusers", "scale_shift")])
+                                       ("diffusers", "scale_shift"), ("diffusers", "learned")])
 def test_an_export_read_back_samples_the_same_bytes(runs, tmp_path: Path, capsys, fmt: str, kind: str) -> None:
     out = tmp_path / ("pipe" if fmt == "diffusers" else "weights.safetensors")
     export(capsys, runs[kind], out, "--format", fmt)

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from ddpm_mnist.config import ScheduleConfig
+from ddpm_mnist.maths.bound import bound, strata
 from ddpm_mnist.maths.likelihood import (
-    bound,
     discretized_gaussian_log_likelihood,
     fixed_log_variance,
     normal_kl,
     posterior_mean_log_variance,
     prior_nats,
     step_nats,
-    strata,
 )
 from ddpm_mnist.maths.schedule import make_schedule
 
@@ -141,3 +140,25 @@ def test_as_many_strata_as_timesteps_is_the_exact_sum() -> None:
     assert all(torch.equal(exact[key], every[key]) for key in exact)
     few = bound(model, cfg, x0, range(3), seed=4, prediction_type="epsilon", variance_type="fixed_large", timesteps=5)
     assert not torch.equal(few["steps"], exact["steps"]) and torch.equal(few["decoder"], exact["decoder"])
+
+
+@pytest.mark.parametrize("v, fixed", [(-1.0, "fixed_small"), (1.0, "fixed_large")])
+def test_a_learned_range_at_its_ends_is_the_fixed_variance_there(v: float, fixed: str) -> None:
+    """v = -1 gives beta-tilde_t and v = 1 gives beta_t (Eq. 15): the bound of a model that outputs v
+    beside its noise equals the fixed variance's, term by term; but the decoder for v = 1, where the
+    fixed_large bound takes beta-tilde_1 and learned_range beta_0 (as improved-diffusion does)."""
+    cfg = ScheduleConfig(num_timesteps=60)
+    x0 = torch.randint(0, 256, (2, 1, 28, 28), generator=torch.Generator().manual_seed(2)).float() / 127.5 - 1
+
+    def noise_only(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.7 * x_t
+
+    def with_v(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([noise_only(x_t, t), torch.full_like(x_t, v)], dim=1)
+
+    learned = bound(with_v, cfg, x0, range(2), seed=1, prediction_type="epsilon", variance_type="learned_range")
+    fixed_parts = bound(noise_only, cfg, x0, range(2), seed=1, prediction_type="epsilon", variance_type=fixed)
+    for key in ("prior", "steps") if v > 0 else ("prior", "steps", "decoder"):
+        torch.testing.assert_close(learned[key], fixed_parts[key], rtol=1e-12, atol=1e-9)
+    if v > 0:
+        assert not torch.allclose(learned["decoder"], fixed_parts["decoder"])

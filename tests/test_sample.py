@@ -417,3 +417,34 @@ def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> N
     shapes.clear()  # a batch larger than n: one shape, n, and no images past n
     run = SamplingJob(cfg, 0, model, sampler_for(cfg, "cpu"), runtime, False, "", compiled=True)
     assert torch.equal(torch.cat([batch for _, batch in run.batches(5, 0, 8)]), eager) and set(shapes) == {5}
+
+
+def test_a_model_that_learns_its_variance_samples_with_it_and_not_without(smoke_cfg, tmp_path: Path, capsys) -> None:
+    """Trained with the hybrid loss, it samples with learned_range (and the samplers that read only its
+    prediction); asked for a fixed variance, it is one line and exit 2, before any work."""
+    from helpers import smoke_run
+
+    run = smoke_run(smoke_cfg, "model.learn_variance=true", "train.loss=hybrid", "sample.variance_type=learned_range",
+                    "train.steps=4", "train.sample_every=0")
+    ckpt = run / "checkpoints" / "latest.pt"
+    for sampler in ("ancestral", "ddim", "euler"):
+        code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--sampler", sampler, "--steps", "5", "--n", "3",
+                               "--out", tmp_path / f"{sampler}.png")
+        assert code == 0 and (tmp_path / f"{sampler}.png").exists(), err
+    code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--steps", "5", "--n", "3", "--out", tmp_path / "x.png",
+                           "--set", "sample.variance_type=fixed_small")
+    one_line_error(code, err, "would ignore the variance this model learns")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_guidance_guides_the_prediction_and_keeps_the_conditional_variance() -> None:
+    from ddpm_mnist.sample import Guided
+
+    def model(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        conditional = (labels < 10).float().view(-1, 1, 1, 1)  # (2B, 1, 1, 1)
+        return torch.cat([x + conditional, torch.full_like(x, -0.5) + conditional], dim=1)
+
+    x = torch.zeros(2, 1, 4, 4)
+    out = Guided(model, torch.tensor([3, 7]), guidance=3.0, num_classes=10)(x, torch.tensor([5, 5]))
+    assert torch.equal(out[:, 0], torch.full_like(x[:, 0], 3.0))  # uncond 0 + 3 * (1 - 0)
+    assert torch.equal(out[:, 1], torch.full_like(x[:, 0], 0.5))  # the conditional half's v

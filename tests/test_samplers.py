@@ -341,6 +341,73 @@ def test_fixed_small_log_agrees_with_diffusers_and_fixed_large_log_with_float64(
 
 
 @needs_diffusers
+def toy_learned(x: torch.Tensor, t: torch.Tensor | float, variance_type: str) -> torch.Tensor:
+    """A stand-in for a U-Net that learns its variance: toy_model's prediction, then a second channel
+    varying by pixel and t: v in [-1, 1] (learned_range), or a variance in (0, 0.02] (learned)."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    v = torch.sin(3 * x + t / 100)
+    return torch.cat([toy_model(x, t), v if variance_type == "learned_range" else 0.01 * (1.001 + v)], dim=1)
+
+
+def learned_reference(timesteps: list[int], prediction: str, variance_type: str, zs: list[torch.Tensor]
+                      ) -> torch.Tensor:
+    """The ancestral loop with a learned variance, written out in float64 from the papers: x0_hat
+    clipped, the posterior mean (Ho et al., Eq. 7) of the respaced step, and log sigma^2 = v' log beta
+    + (1 - v') log beta-tilde with v' = (v + 1) / 2 (Nichol & Dhariwal, Eq. 15), or v itself (learned)."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    x = x_T(torch.float64)
+    for i, t in enumerate(timesteps):
+        abar_t = float(abar[t])
+        abar_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+        beta = 1 - abar_t / abar_prev
+        output, v = toy_learned(x, t, variance_type).chunk(2, dim=1)
+        x0_hat = (x - math.sqrt(1 - abar_t) * output) / math.sqrt(abar_t) if prediction == "epsilon" else \
+            math.sqrt(abar_t) * x - math.sqrt(1 - abar_t) * output
+        mean = math.sqrt(abar_prev) * beta / (1 - abar_t) * x0_hat.clamp(-1, 1) + \
+            math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t) * x
+        if i + 1 == len(timesteps):
+            return mean
+        tilde = beta * (1 - abar_prev) / (1 - abar_t)
+        frac = (v + 1) / 2
+        log_var = frac * math.log(beta) + (1 - frac) * math.log(tilde) if variance_type == "learned_range" else v.log()
+        x = mean + (0.5 * log_var).exp() * zs[i].double()
+    return x
+
+
+@needs_diffusers
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+@pytest.mark.parametrize("prediction", list(PREDICTIONS))
+@pytest.mark.parametrize("steps", [10, 25, 1000])
+def test_learned_variances_agree_with_diffusers_and_with_float64(variance_type, prediction, steps) -> None:
+    """DDPMScheduler.step with variance_type learned_range (and learned) splits the output in two and
+    steps with the variance it gives, on the respaced schedule for fewer steps: ours agrees within
+    1e-4 with diffusers and with `learned_reference`."""
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type=PREDICTIONS[prediction],
+                                        variance_type=variance_type, clip_sample=True)
+    scheduler.set_timesteps(steps)
+    x = x_T()
+    g = torch.Generator().manual_seed(5)
+    for t in scheduler.timesteps:
+        x = scheduler.step(toy_learned(x, t, variance_type), t, x, generator=g).prev_sample
+    sampler = make_sampler("ancestral", make_schedule(ScheduleConfig()), steps, prediction_type=prediction,
+                           variance_type=variance_type)
+    assert sampler.reads_variance and sampler.needs_noise == [True] * (steps - 1) + [False]
+    ours, zs = x_T(), noises(steps)
+    for i in range(steps):
+        output = sampler.model_output(toy_learned(ours, sampler.timesteps[i], variance_type), ours)
+        ours = sampler.step(i, output, ours, zs[i] if sampler.needs_noise[i] else None)
+    assert_agree(x, ours, "diffusers")
+    assert_agree(learned_reference(sampler.timesteps.tolist(), prediction, variance_type, zs), ours, "float64")
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler", "heun"])
+def test_samplers_that_do_not_read_a_learned_variance_step_on_the_prediction_alone(name: str) -> None:
+    sampler = make_sampler(name, make_schedule(ScheduleConfig()), 10)
+    x = x_T()
+    both = toy_learned(x, 500.0, "learned_range")
+    assert not sampler.reads_variance and torch.equal(sampler.model_output(both, x), both[:, :1])
+
+
 @pytest.mark.parametrize("ratio, max_value", [(0.995, 1.0), (0.9, 1.5), (0.5, 3.0)])
 def test_dynamic_thresholding_is_diffusers(ratio: float, max_value: float) -> None:
     scheduler = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio,

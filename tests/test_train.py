@@ -73,10 +73,12 @@ def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> N
 
 RECIPE = ["model.time_conditioning=scale_shift", "model.patch_size=2", "train.timestep_sampling=stratified",
           "train.adam_beta2=0.99"]  # every option a recipe may turn on
+HYBRID = ["model.learn_variance=true", "train.loss=hybrid", "sample.variance_type=learned_range",
+          "train.min_snr_gamma=5"]  # a learned variance and the loss that trains it
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [[], RECIPE], ids=["defaults", "recipe-options"])
+@pytest.mark.parametrize("options", [[], RECIPE, HYBRID], ids=["defaults", "recipe-options", "hybrid-loss"])
 def test_resume_gives_the_weights_of_an_uninterrupted_run(smoke_cfg: Config, options: list[str]) -> None:
     # dropout and the cosine lr make every source of state matter: RNG, optimiser, scheduler, EMA
     sets = ["train.lr_schedule=cosine", "model.dropout=0.1", "train.checkpoint_every=8", "train.sample_every=0",
@@ -117,7 +119,8 @@ def test_resume_applies_the_optimiser_settings_it_is_given_and_says_so(smoke_cfg
 @pytest.mark.slow
 def test_a_checkpoint_from_before_the_recipe_options_resumes_as_it_was_trained(smoke_cfg: Config) -> None:
     """A checkpoint (and config.yaml) without model.time_conditioning, model.patch_size,
-    train.timestep_sampling and train.adam_beta2 resumes with what they were before they existed."""
+    model.learn_variance, train.timestep_sampling, train.adam_beta2 and train.vlb_weight resumes with
+    what they were before they existed."""
     sets = ["train.checkpoint_every=4", "train.sample_every=0", "train.steps=8"]
     straight = smoke_run(smoke_cfg, *sets, "name=straight")
     old = smoke_cfg.run_dir.parent / "old"
@@ -126,11 +129,11 @@ def test_a_checkpoint_from_before_the_recipe_options_resumes_as_it_was_trained(s
     (checkpoints / "step_000000008.pt").unlink()
     state = torch.load(checkpoints / "step_000000004.pt", weights_only=True)
     for section, key in (("model", "time_conditioning"), ("model", "patch_size"), ("train", "timestep_sampling"),
-                         ("train", "adam_beta2")):
+                         ("train", "adam_beta2"), ("model", "learn_variance"), ("train", "vlb_weight")):
         del state["config"][section][key]
     torch.save(state, checkpoints / "latest.pt")
     text = (old / "config.yaml").read_text()
-    for key in ("time_conditioning", "patch_size", "timestep_sampling", "adam_beta2"):
+    for key in ("time_conditioning", "patch_size", "timestep_sampling", "adam_beta2", "learn_variance", "vlb_weight"):
         text = "".join(line for line in text.splitlines(keepends=True) if not line.strip().startswith(f"{key}:"))
     (old / "config.yaml").write_text(text)
     smoke_run(smoke_cfg, *sets, "name=old", resume=True)

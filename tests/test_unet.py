@@ -46,6 +46,23 @@ def test_maps_images_and_timesteps_to_images(cfg: ModelConfig) -> None:
     torch.testing.assert_close(out[1], other[1])
 
 
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_a_model_that_learns_its_variance_outputs_v_second(patch_size: int) -> None:
+    """Twice the channels: the prediction, then v; each channel maps back to its own pixels."""
+    cfg = ModelConfig(base_channels=16, channel_mult=[1, 2], attention_resolutions=[], dropout=0.0,
+                      patch_size=patch_size, learn_variance=True)
+    model = randomize(UNet(cfg)).eval()
+    assert model.out_channels == 2
+    out = model(torch.randn(3, 1, 28, 28), torch.tensor([0, 500, 999]))
+    assert out.shape == (3, 2, 28, 28) and not torch.allclose(out[:, 0], out[:, 1])
+    v_channels = slice(patch_size**2, None)  # the pixel shuffle makes channel c of out_conv's c r^2 .. (c + 1) r^2 - 1
+    with torch.no_grad():
+        model.out_conv.weight[v_channels].zero_()
+        model.out_conv.bias[v_channels].zero_()
+    out = model(torch.randn(3, 1, 28, 28), torch.tensor([0, 500, 999]))
+    assert out[:, 1].abs().max() == 0 and out[:, 0].abs().max() > 0
+
+
 def test_fresh_model_outputs_zero_so_the_first_loss_is_the_target_variance() -> None:
     model = UNet(ModelConfig())
     assert model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2])).abs().max() == 0

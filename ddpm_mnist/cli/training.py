@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ddpm_mnist.cli.app import SET_HELP, config_from
-from ddpm_mnist.config import dump_yaml
+from ddpm_mnist.config import check_trainable, dump_yaml
 from ddpm_mnist.errors import UserError
 
 
@@ -70,5 +70,6 @@ def train(
     from ddpm_mnist.train import run_training
 
     cfg = config_from(config, set_)
+    check_trainable(cfg, str(config))
     run_training(cfg, hooks=training_hooks(cfg), resume=resume, overwrite=overwrite, device_name=device,
                  change_world_size=change_world_size, config_file=config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ddpm_mnist.config.sampler_names import KARRAS_SAMPLERS, SIGMA_SAMPLERS, max_steps, min_steps
-from ddpm_mnist.config.schema import IMAGE_SIZE, Config, ModelConfig
+from ddpm_mnist.config.schema import IMAGE_SIZE, LEARNED_VARIANCE_TYPES, Config, ModelConfig
 from ddpm_mnist.config.yaml_io import describe_value
 from ddpm_mnist.errors import ConfigError
 
@@ -17,6 +17,7 @@ def validate(cfg: Config, source: str) -> None:
     _validate_lengths(cfg, source)
     _validate_digits(cfg, source)
     _validate_sampler(cfg, source)
+    _validate_variance(cfg, source)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name):
         raise ConfigError(
             f"{source}: name: must be a folder name of letters, digits, '.', '_' or '-', got {describe_value(cfg.name)}"
@@ -131,6 +132,32 @@ def _validate_sampler(cfg: Config, source: str) -> None:
             f"{source}: sample.steps: {s.sampler} takes at least {min_steps(s.sampler)} steps (at 1 step it is "
             f"Euler's), got {cfg.reverse_steps}"
         )
+
+
+def _validate_variance(cfg: Config, source: str) -> None:
+    """A learned variance is sampled as learned, a fixed one as fixed, and only a learned one is
+    trained by the hybrid loss."""
+    variance, learns = cfg.sample.variance_type, cfg.model.learn_variance
+    if variance in LEARNED_VARIANCE_TYPES and not learns:
+        raise ConfigError(f"{source}: sample.variance_type: {variance} reads a variance this model does not output "
+                          "(model.learn_variance: false); use a fixed one such as fixed_small")
+    if learns and variance not in LEARNED_VARIANCE_TYPES:
+        raise ConfigError(f"{source}: sample.variance_type: {variance} would ignore the variance this model learns "
+                          "(model.learn_variance: true); use learned_range")
+    if cfg.train.loss == "hybrid" and not learns:
+        raise ConfigError(f"{source}: train.loss: hybrid trains a learned variance; with model.learn_variance: false "
+                          "its bound term has nothing to learn (set learn_variance: true, or use mse)")
+    if cfg.train.loss == "hybrid" and variance == "learned":
+        raise ConfigError(f"{source}: train.loss: hybrid trains learned_range's v (Eq. 15); sample.variance_type: "
+                          "learned reads the output as the variance itself, diffusers' meaning: use learned_range")
+
+
+def check_trainable(cfg: Config, source: str) -> None:
+    """What training needs beyond a valid config: a learned variance needs the loss that trains it
+    (a model read from diffusers may learn one without saying how it was trained)."""
+    if cfg.model.learn_variance and cfg.train.loss != "hybrid":
+        raise ConfigError(f"{source}: model.learn_variance: true needs train.loss: hybrid, the loss that trains "
+                          f"the variance (got {cfg.train.loss})")
 
 
 def _validate_zero_terminal_snr(cfg: Config, source: str) -> None:

@@ -38,7 +38,9 @@ def param(
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # Lin et al. 2023, Table 2; diffusers' timestep_spacing
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log")  # diffusers' fixed ones
+FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log")  # diffusers' fixed ones
+LEARNED_VARIANCE_TYPES = ("learned_range", "learned")  # a model that outputs its step's variance too
+VARIANCE_TYPES = FIXED_VARIANCE_TYPES + LEARNED_VARIANCE_TYPES
 SIGMA_SCHEDULES = ("spaced", "karras")
 GUIDANCE_DEFAULT = 2.0  # chosen by the guidance sweep in docs/results.md
 IMAGE_SIZE = 28  # MNIST is 1 x 28 x 28; the U-Net halves it at most twice (28 -> 14 -> 7)
@@ -115,6 +117,10 @@ class ModelConfig:
     prediction_type: str = param(
         "epsilon", "what the network predicts: epsilon | v | x0", choices=PREDICTION_TYPES
     )
+    learn_variance: bool = param(
+        False, "a second output channel v in [-1, 1] sets each step's variance (Nichol & Dhariwal 2021): "
+        "trained with train.loss: hybrid, sampled with sample.variance_type: learned_range",
+    )
     num_classes: int = param(
         0, "0: unconditional; 10: conditioned on the digit (a learned embedding added to the time embedding, "
         "with one more 'no class' row for classifier-free guidance)", ge=0, le=10,
@@ -153,7 +159,14 @@ class TrainConfig:
         "strata of 0..T-1 from one uniform offset, Kingma et al. 2021: the same loss in expectation, less variance)",
         choices=("uniform", "stratified"),
     )
-    loss: str = param("mse", "mse | l1 | huber, on the prediction target", choices=("mse", "l1", "huber"))
+    loss: str = param(
+        "mse", "mse | l1 | huber, on the prediction target | hybrid: mse plus vlb_weight times the variational "
+        "bound's term (needs model.learn_variance; Nichol & Dhariwal 2021)", choices=("mse", "l1", "huber", "hybrid"),
+    )
+    vlb_weight: float = param(
+        0.001, "hybrid loss: lambda of L_simple + lambda L_vlb, with L_vlb = T times the drawn step's term in "
+        "bits/dim, the mean seen through a stop-gradient (improved-diffusion's mse + vb at T = 1000)", ge=0, le=1e6,
+    )
     min_snr_gamma: float = param(
         0.0, "weight each image's loss by Min-SNR-gamma (Hang et al. 2023; 5 in the paper; 0: unweighted)", ge=0,
         le=1e6,
@@ -206,7 +219,9 @@ class SampleConfig:
     eta: float = param(0.0, "DDIM eta: 0 deterministic, 1 ancestral-like", ge=0, le=1)
     variance_type: str = param(
         "fixed_small", "the ancestral loop's sigma_t^2: fixed_small (beta-tilde) | fixed_large (beta) | "
-        "fixed_small_log | fixed_large_log (the same, computed as exp(log(var) / 2), diffusers' names)",
+        "fixed_small_log | fixed_large_log (the same, computed as exp(log(var) / 2), diffusers' names) | "
+        "learned_range (models with learn_variance: log sigma_t^2 = v' log beta + (1 - v') log beta-tilde, "
+        "v' = (v + 1) / 2) | learned (diffusers' name: the second channel is sigma_t^2 itself; sampling only)",
         choices=VARIANCE_TYPES,
     )
     clip_sample: bool = param(True, "clip the predicted x0 to [-clip_sample_range, clip_sample_range]")

@@ -4,7 +4,8 @@ a reverse run visits (the samplers themselves are in `samplers.py`).
 Names follow diffusers (`add_noise`, `step`, `timesteps`) so that its users feel at home.
 Timesteps are 0-indexed as stated in `schedule.py`. Shapes: x0, x_t, noise are (B, C, H, W) and
 t is (B,) int64, on the schedule's device. What the network outputs (epsilon, v or x0) is turned
-into x0_hat and eps_hat by `predict_x0` and `predict_eps`, the only two places that know.
+into x0_hat and eps_hat by `predict_x0` and `predict_eps`, the only two places that know; a model
+that learns its variance outputs v second (`split_output`), which `model_log_variance` reads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_mnist.maths.likelihood import (
+    bits_per_dim,
+    fixed_log_variance,
+    log_betas,
+    log_posterior_variance,
+    step_nats,
+)
 from ddpm_mnist.maths.schedule import NoiseSchedule
 
 
@@ -100,6 +108,48 @@ def predict_eps(sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, x_t:
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+def split_output(output: torch.Tensor, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the prediction, v) of a network's output (B, C, H, W): a model that learns its variance
+    outputs 2 x `channels` channels, the prediction first; else v is None."""
+    if output.shape[1] == 2 * channels:
+        prediction, v = output.chunk(2, dim=1)
+        return prediction, v
+    return output, None
+
+
+def learned_range_log_variance(v: torch.Tensor, log_beta: torch.Tensor, log_beta_tilde: torch.Tensor
+                               ) -> torch.Tensor:
+    """Eq. (15) of Nichol & Dhariwal 2021: log Sigma = v' log beta_t + (1 - v') log beta-tilde_t with
+    v' = (v + 1) / 2, so v in [-1, 1] spans beta-tilde_t to beta_t (as improved-diffusion and diffusers'
+    learned_range map the network's output; v is not clamped)."""
+    frac = (v + 1) / 2  # v'
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
+def model_log_variance(schedule: NoiseSchedule, t: torch.Tensor, variance_type: str, v: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """log sigma_t^2 of the model's step at timesteps t (B,), float64: a fixed one (`fixed_log_variance`,
+    (B, 1, 1, 1)), or per pixel from v, the output's second channel: learned_range (Eq. 15, with
+    beta-tilde_0 taken as beta-tilde_1, as improved-diffusion clips it) or learned (v is the variance
+    itself, diffusers' meaning, floored at 1e-20)."""
+    if variance_type == "learned_range":
+        return learned_range_log_variance(v.double(), at(log_betas(schedule), t),
+                                          at(log_posterior_variance(schedule), t))
+    if variance_type == "learned":
+        return v.double().clamp(min=1e-20).log()
+    return at(fixed_log_variance(schedule, variance_type), t)
+
+
+def vlb_bits(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor,
+             v: torch.Tensor) -> torch.Tensor:
+    """L_t of the hybrid loss, in bits per dimension, (B,) float32 (improved-diffusion's `_vb_terms_bpd`):
+    the posterior's KL to the model's step (t >= 1) or the decoder's -log p (t = 0), with the step's
+    mean from x0_hat through a stop-gradient, so that this term trains only the variance (Sec. 3.1)."""
+    mean = at(schedule.posterior_mean_coef1, t) * x0_hat.detach() + at(schedule.posterior_mean_coef2, t) * x_t
+    log_variance = model_log_variance(schedule, t, "learned_range", v)
+    return bits_per_dim(step_nats(schedule, x0, x_t, t, mean, log_variance), x0[0].numel()).float()
+
+
 def training_losses(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -110,6 +160,7 @@ def training_losses(
     loss_type: str = "mse",
     class_labels: torch.Tensor | None = None,
     snr_gamma: float = 0.0,
+    vlb_weight: float = 0.0,
 ) -> torch.Tensor:
     """Algorithm 1 of Ho et al. for one batch: the loss of each image, (B,) float32.
 
@@ -117,20 +168,34 @@ def training_losses(
     simplified objective, Eq. 14), averaged over pixels. Mixed precision is the caller's choice.
     `class_labels` (B,): the digits a conditional model is given ("no class" included).
     `snr_gamma` > 0 weights each image's loss by Min-SNR-gamma (`min_snr_weights`); 0 leaves it as is.
+    `loss_type` hybrid (Nichol & Dhariwal 2021, Sec. 3.1): mse, plus `vlb_weight` times L_vlb = T L_t
+    (`vlb_bits`), which trains the learned variance of a model that outputs one.
     """
     x_t = add_noise(schedule, x0, noise, t)
-    output = (model(x_t, t) if class_labels is None else model(x_t, t, class_labels)).float()
+    output, v = split_output((model(x_t, t) if class_labels is None else model(x_t, t, class_labels)).float(),
+                             x0.shape[1])
     target = training_target(schedule, x0, noise, t, prediction_type)
+    losses = pixel_losses(output, target, "mse" if loss_type == "hybrid" else loss_type).mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        losses = losses * min_snr_weights(schedule, t, prediction_type, snr_gamma)
+    if loss_type != "hybrid":
+        return losses
+    if v is None:
+        raise ValueError("the hybrid loss needs a model that learns its variance")
+    x0_hat = predict_x0(at(schedule.sqrt_alphas_cumprod, t), at(schedule.sqrt_one_minus_alphas_cumprod, t), x_t,
+                        output, prediction_type)
+    return losses + vlb_weight * schedule.num_timesteps * vlb_bits(schedule, x0, x_t, t, x0_hat, v)
+
+
+def pixel_losses(output: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The loss of each pixel: mse, l1 or huber (delta 1), (B, C, H, W) float32."""
     if loss_type == "mse":
-        per_pixel = (output - target) ** 2
-    elif loss_type == "l1":
-        per_pixel = (output - target).abs()
-    elif loss_type == "huber":
-        per_pixel = F.huber_loss(output, target, reduction="none", delta=1.0)
-    else:
-        raise ValueError(f"unknown loss {loss_type!r}")
-    losses = per_pixel.mean(dim=(1, 2, 3))
-    return losses * min_snr_weights(schedule, t, prediction_type, snr_gamma) if snr_gamma > 0 else losses
+        return (output - target) ** 2
+    if loss_type == "l1":
+        return (output - target).abs()
+    if loss_type == "huber":
+        return F.huber_loss(output, target, reduction="none", delta=1.0)
+    raise ValueError(f"unknown loss {loss_type!r}")
 
 
 def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:

@@ -14,21 +14,17 @@ The formulas are those of improved-diffusion (`losses.py`: `normal_kl`,
 `discretized_gaussian_log_likelihood`), but for the normal CDF, which is exact here
 (`torch.special.log_ndtr`, accurate in the tails) where improved-diffusion uses a tanh
 approximation and floors a bin's mass at 1e-12. Everything is float64: the KL terms are
-differences of numbers near 1 at small t.
+differences of numbers near 1 at small t. The hybrid loss (`diffusion.training_losses`) trains a
+learned variance on the same terms; `bound.py` sums them over a model's timesteps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from ddpm_mnist.config import ScheduleConfig
-from ddpm_mnist.maths.diffusion import add_noise, predict_x0
-from ddpm_mnist.maths.samplers import NoiseSource
-from ddpm_mnist.maths.schedule import NoiseSchedule, make_schedule
-from ddpm_mnist.rng import NLL_NOISE
+from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64
 
 BIN = 1 / 255  # half a grey level on [-1, 1]: 256 levels 2/255 apart
 
@@ -76,12 +72,18 @@ def posterior_mean_log_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: 
 
 def log_posterior_variance(schedule: NoiseSchedule) -> torch.Tensor:
     """log beta-tilde_t, (T,) float64, with t = 0 given t = 1's value (beta-tilde_0 = 0)."""
-    b, abar = schedule.betas.double(), schedule.alphas_cumprod.double()
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    b = schedule.betas.double()
+    abar = alphas_cumprod_float64(schedule).to(b.device)  # 1 - abar_t near t = 0 needs float64's digits
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64, device=b.device), abar[:-1]])
     variance = b * (1 - abar_prev) / (1 - abar)
     if len(variance) > 1:
         variance[0] = variance[1]
     return variance.log()
+
+
+def log_betas(schedule: NoiseSchedule) -> torch.Tensor:
+    """log beta_t, (T,) float64: the upper end of a learned_range variance."""
+    return schedule.betas.double().log()
 
 
 def fixed_log_variance(schedule: NoiseSchedule, variance_type: str) -> torch.Tensor:
@@ -90,7 +92,7 @@ def fixed_log_variance(schedule: NoiseSchedule, variance_type: str) -> torch.Ten
     sets it, so that the decoder is not wider than the data's bins need)."""
     if variance_type.startswith("fixed_small"):
         return log_posterior_variance(schedule)
-    log_beta = schedule.betas.double().log()
+    log_beta = log_betas(schedule)
     if len(log_beta) > 1:
         log_beta[0] = log_posterior_variance(schedule)[1]
     return log_beta
@@ -117,52 +119,3 @@ def step_nats(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: t
 def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
     """Nats per image as bits per dimension."""
     return nats / (dims * math.log(2))
-
-
-def strata(T: int, count: int) -> list[tuple[int, int]]:
-    """(first timestep, size) of `count` strata covering 1 .. T-1 as evenly as integers allow."""
-    edges = [1 + (k * (T - 1)) // count for k in range(count + 1)]
-    return [(edges[k], edges[k + 1] - edges[k]) for k in range(count)]
-
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # model(x_t, t) -> its output, (B, 1, 28, 28)
-
-
-def step_term(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-              prediction_type: str, log_variance: torch.Tensor) -> torch.Tensor:
-    """The term of timesteps t (B,) for images x0 (B, 1, 28, 28) in [-1, 1], (B,) float64 nats: x_t
-    from q(x_t | x_0) (Eq. 4), the model's step from it (the posterior mean at its x0_hat, clipped
-    to [-1, 1], with the fixed variance `log_variance` (T,)), then `step_nats`."""
-    x_t = add_noise(schedule, x0, eps, t)
-    output = model(x_t, t).float()
-    sqrt_abar = schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    sqrt_one_minus_abar = schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
-    x0_hat = predict_x0(sqrt_abar, sqrt_one_minus_abar, x_t, output, prediction_type).clamp(-1, 1)
-    mean, _ = posterior_mean_log_variance(schedule, x0_hat.double(), x_t.double(), t)
-    return step_nats(schedule, x0, x_t, t, mean, log_variance[t].view(-1, 1, 1, 1))
-
-
-def bound(model: Denoiser, schedule_cfg: ScheduleConfig, x0: torch.Tensor, indices: range, *, seed: int,
-          prediction_type: str, variance_type: str, timesteps: int | None = None,
-          progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """The bound's parts for images x0 (B, 1, 28, 28) in [-1, 1], each (B,) float64 nats: `prior`,
-    `steps` (the sum over t = 1 .. T-1: every t, or `timesteps` of them, one drawn uniformly in each
-    of that many equal strata and weighted by its stratum's size, an unbiased estimate) and
-    `decoder` (t = 0), for a model trained with the schedule of `schedule_cfg`. Image k's noise and
-    timesteps come from (seed, k) alone (`indices`)."""
-    schedule = make_schedule(schedule_cfg).to(x0.device)
-    T, device = schedule.num_timesteps, x0.device
-    log_variance = fixed_log_variance(schedule, variance_type).to(device)
-    noise = NoiseSource(seed, indices, device, stream=NLL_NOISE)
-    decoder_eps = noise.next()  # first, so that the decoder term does not depend on `timesteps`
-    count = T - 1 if timesteps is None else min(timesteps, T - 1)
-    offsets = torch.stack([torch.rand(count, generator=g, device=device) for g in noise.generators])  # (B, K)
-    steps = torch.zeros(len(x0), dtype=torch.float64, device=device)
-    for k, (first, size) in enumerate(strata(T, count)):
-        t = first + (offsets[:, k] * size).long().clamp(max=size - 1)  # (B,): uniform in its stratum
-        steps += size * step_term(model, schedule, x0, t, noise.next(), prediction_type, log_variance)
-        if progress is not None:
-            progress(1)
-    t0 = torch.zeros(len(x0), dtype=torch.long, device=device)
-    decoder = step_term(model, schedule, x0, t0, decoder_eps, prediction_type, log_variance)
-    return {"prior": prior_nats(schedule, x0), "steps": steps, "decoder": decoder}

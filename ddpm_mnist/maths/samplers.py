@@ -34,15 +34,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm_mnist.config import SIGMA_SCHEDULES, VARIANCE_TYPES, Config
+from ddpm_mnist.config import LEARNED_VARIANCE_TYPES, SIGMA_SCHEDULES, VARIANCE_TYPES, Config
 from ddpm_mnist.config.sampler_names import KARRAS_SAMPLERS, SIGMA_SAMPLERS, max_steps, min_steps
 from ddpm_mnist.maths.diffusion import (
     at,
     dpm_solver_timesteps,
+    learned_range_log_variance,
     predict_eps,
     predict_x0,
     predict_x0_from_sigma,
     spaced_timesteps,
+    split_output,
 )
 from ddpm_mnist.maths.schedule import NoiseSchedule, alphas_cumprod_float64, make_schedule
 from ddpm_mnist.rng import SAMPLE_NOISE, derive_seed
@@ -87,6 +89,7 @@ class Sampler:
 
     init_noise_sigma = 1.0  # x_T = init_noise_sigma * z
     multistep = False  # whether a step reads state that earlier steps left (so a loop cannot start mid-way)
+    reads_variance = False  # whether `step` reads a learned variance, the output's second channel
     noise_levels: torch.Tensor  # sigma = sqrt((1 - abar) / abar) at each model call, float64 (`ddpm schedule`)
 
     def __init__(self, timesteps: Sequence[float], prediction_type: str, bound: X0Bound,
@@ -106,6 +109,11 @@ class Sampler:
     def model_input(self, i: Step, x: torch.Tensor) -> torch.Tensor:
         """What the model sees at step i: x_t itself here."""
         return x
+
+    def model_output(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What `step` takes of the model's output: the prediction alone, but where it reads the
+        learned variance that a model with learn_variance outputs second."""
+        return output if self.reads_variance else split_output(output, x.shape[1])[0]
 
     def predict_x0(self, i: Step, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x0_hat at step i from whatever the model predicts, bounded: (B, C, H, W)."""
@@ -178,14 +186,21 @@ class Ancestral(Respaced):
     beta_t (fixed_large), Sec. 3.2; the last step adds no noise. fixed_small_log and fixed_large_log
     are diffusers' names for the same variances computed as exp(log(sigma_t^2) / 2), beta-tilde
     floored at 1e-20 first (diffusers' own fixed_large_log takes the square root of a log, a NaN).
+    A model that learns its variance outputs v second: learned_range interpolates log sigma_t^2
+    between log beta-tilde_t and log beta_t of the respaced step (Nichol & Dhariwal, Eq. 15, and their
+    `respace`), learned takes v as sigma_t^2 itself, as diffusers' DDPMScheduler does.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: list[int], prediction_type: str, bound: X0Bound,
                  device: torch.device | str, variance_type: str = "fixed_small") -> None:
         super().__init__(alphas_cumprod, timesteps, prediction_type, bound, device)
         self.variance_type = variance_type
+        self.reads_variance = variance_type in LEARNED_VARIANCE_TYPES
         abar = self.alphas_cumprod.cpu()
-        self.needs_noise = (self.sigma(self.betas.cpu(), abar[:-1], abar[1:]) > 0).tolist()
+        if self.reads_variance:
+            self.needs_noise = [True] * len(timesteps)
+        else:
+            self.needs_noise = (self.sigma(self.betas.cpu(), abar[:-1], abar[1:]) > 0).tolist()
         self.needs_noise[-1] = False  # the step to x_0 adds none
 
     def sigma(self, beta_t: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
@@ -201,17 +216,31 @@ class Ancestral(Respaced):
             return (0.5 * variance.clamp(min=1e-20).log()).exp().float()
         return variance.sqrt().float()
 
+    def learned_sigma(self, v: torch.Tensor, beta_t: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor
+                      ) -> torch.Tensor:
+        """sigma_t per pixel from v, the output's second channel (B, 1, 28, 28), float32: learned_range's
+        exp(log sigma_t^2 / 2), with beta-tilde_t floored at 1e-20 as diffusers does; learned's sqrt(v)."""
+        if self.variance_type == "learned":
+            return v.sqrt()
+        beta_tilde = (beta_t * (1 - abar_prev) / (1 - abar_t)).clamp(min=1e-20)  # Eq. (7)
+        return (0.5 * learned_range_log_variance(v, beta_t.log().float(), beta_tilde.log().float())).exp()
+
     def step(self, i: Step, model_output: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        # 1. beta_t, and alpha-bar at t and at t - 1 (the next step's)
+        # 1. beta_t, and alpha-bar at t and at t - 1 (the next step's); a learned variance's v
         beta_t, abar_t, abar_prev = at(self.betas, i), at(self.alphas_cumprod, i), at(self.alphas_cumprod, i + 1)
+        model_output, v = split_output(model_output, x_t.shape[1])
         # 2. predicted x_0 from the model output (Eq. 15 for epsilon), bounded (clipped or thresholded)
         x0_hat = self.predict_x0(i, model_output, x_t)
         # 3. the posterior mean mu_tilde_t(x_t, x0_hat), Eq. (7)
         coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
         coef_xt = (1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)
         x_prev = coef_x0.float() * x0_hat + coef_xt.float() * x_t
-        # 4. add noise: + sigma_t z, Algorithm 2 line 4
-        return x_prev if z is None else x_prev + self.sigma(beta_t, abar_t, abar_prev) * z
+        # 4. add noise: + sigma_t z, Algorithm 2 line 4 (sigma_t per pixel where the model learns it)
+        if z is None:
+            return x_prev
+        sigma_t = self.sigma(beta_t, abar_t, abar_prev) if v is None else self.learned_sigma(v, beta_t, abar_t,
+                                                                                               abar_prev)
+        return x_prev + sigma_t * z
 
 
 class DDIM(Respaced):

@@ -128,7 +128,8 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """epsilon_theta(x_t, t) (or v, or x0): (B, 1, 28, 28) float, (B,) int64 -> (B, 1, 28, 28)."""
+    """epsilon_theta(x_t, t) (or v, or x0): (B, 1, 28, 28) float, (B,) int64 -> (B, 1, 28, 28); with
+    learn_variance, (B, 2, 28, 28): the prediction, then v of the step's variance."""
 
     def __init__(self, cfg: ModelConfig, in_channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
@@ -153,7 +154,10 @@ class UNet(nn.Module):
         self.mid_block2 = ResBlock(ch, ch, time_dim, cfg.dropout, cfg.num_groups, scale_shift)
         ch = self._build_up(cfg, time_dim, skip_chs, ch, resolution)
         self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
-        self.out_conv = _zero(nn.Conv2d(ch, pixels, 3, padding=1))
+        # learn_variance: a second channel per pixel, v in [-1, 1] of the step's variance (improved-diffusion's
+        # learn_sigma); the pixel shuffle keeps the channels apart, the prediction first
+        self.out_channels = in_channels * (2 if cfg.learn_variance else 1)
+        self.out_conv = _zero(nn.Conv2d(ch, self.out_channels * cfg.patch_size**2, 3, padding=1))
 
     def _build_down(self, cfg: ModelConfig, time_dim: int, image_size: int) -> tuple[list[int], int, int]:
         """Down: each level's blocks, then a Downsample except after the last level. Returns the
@@ -193,7 +197,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, 1, 28, 28), t: (B,) timesteps, class_labels: (B,) digits, or num_classes for
-        "no class" (None: no class for all; ignored by an unconditional model) -> (B, 1, 28, 28)."""
+        "no class" (None: no class for all; ignored by an unconditional model) -> (B, out_channels, 28, 28)."""
         temb = self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype))  # (B, 4 * base)
         if self.class_embedding is not None:
             if class_labels is None:
