@@ -22,7 +22,15 @@ from tqdm import tqdm
 from ddpm_mnist.config import Config, SampleRequest
 from ddpm_mnist.data import to_model_range, to_uint8
 from ddpm_mnist.errors import UserError
-from ddpm_mnist.maths.editing import GivenNoise, edit_loop, inpaint_loop, repaint_positions, slerp, start_step
+from ddpm_mnist.maths.editing import (
+    GivenNoise,
+    edit_loop,
+    inpaint_loop,
+    repaint_calls,
+    repaint_positions,
+    slerp,
+    start_step,
+)
 from ddpm_mnist.maths.samplers import SAMPLERS, NoiseSource
 from ddpm_mnist.sample import Guided, Loop, SamplingJob, generate, prepare_sampling, reverse_loop, sampling_configs
 
@@ -100,7 +108,7 @@ def inpaint(job: SamplingJob, inputs: torch.Tensor, known: torch.Tensor, n: int,
     x0 = to_model_range(inputs).repeat_interleave(n, 0)  # (N * n, 1, 28, 28)
     known = known.expand(len(inputs), -1, -1, -1).repeat_interleave(n, 0)
     positions = repaint_positions(job.sampler.num_steps, resample, jump)
-    calls = sum(b > a for a, b in zip(positions, positions[1:], strict=False))
+    calls = repaint_calls(positions)
 
     def loop_for(indices: range) -> Loop:
         return functools.partial(inpaint_loop, x0=x0[indices.start:indices.stop].to(device),

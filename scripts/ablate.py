@@ -113,7 +113,7 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
     trained = stored["train"]
     return {"variant": name, "overrides": overrides, "seed": seed, "steps": trained["steps"],
             "batch_size": trained["batch_size"], **timing_of(run_dir),
-            "flops_per_step": step_flops(stored["model"], trained["batch_size"]),
+            "flops_per_step": step_flops(stored, trained["batch_size"]),
             **{m: report["samples"][m] for m in METRICS}, "floor_fid_mnist": report["floor"]["fid_mnist"]}
 
 
@@ -149,15 +149,16 @@ def realised_seconds(said: list[str], budget: str) -> float | None:
     return None
 
 
-def step_flops(model: dict, batch_size: int) -> int:
-    """FLOPs of one training step (forward and backward, counted by torch) for this model and batch."""
+def step_flops(stored: dict, batch_size: int) -> int:
+    """FLOPs of one training step (forward and backward, counted by torch) for a run's model (from its
+    config.yaml, read whole: its model and sample sections are checked together) and batch."""
     import torch  # here, not at the top: the rest of the script runs without it
     from torch.utils.flop_counter import FlopCounterMode
 
     from ddpm_mnist.config import config_from_dict
     from ddpm_mnist.maths.unet import UNet
 
-    config = config_from_dict({"model": model}, "the run's config.yaml").model
+    config = config_from_dict({"model": stored["model"], "sample": stored["sample"]}, "the run's config.yaml").model
     unet = UNet(config)
     labels = torch.zeros(1, dtype=torch.long) if config.num_classes else None
     with FlopCounterMode(display=False) as counter:

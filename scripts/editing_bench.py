@@ -37,7 +37,7 @@ from ddpm_mnist.errors import UserError
 from ddpm_mnist.evaluate import Reference
 from ddpm_mnist.images import save_gif, save_grid
 from ddpm_mnist.inputs import named_mask
-from ddpm_mnist.maths.editing import repaint_positions
+from ddpm_mnist.maths.editing import repaint_calls, repaint_positions
 
 
 def job(ckpt: Path, steps: int, sampler: str = "ancestral") -> editing.SamplingJob:
@@ -58,8 +58,7 @@ def row(name: str, started: float, **values: Any) -> dict[str, Any]:
 
 
 def model_calls(steps: int, resample: int, jump: int) -> int:
-    positions = repaint_positions(steps, resample, jump)
-    return sum(b > a for a, b in zip(positions, positions[1:], strict=False))
+    return repaint_calls(repaint_positions(steps, resample, jump))
 
 
 def inpainting_rows(ckpt: Path, model: str, digits: torch.Tensor, labels: torch.Tensor, reference: Reference,

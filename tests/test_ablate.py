@@ -124,3 +124,14 @@ def test_a_failing_run_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == ("error: training bad_s0 failed (exit code 2; its message is "
                                                     "above); finished runs are kept")
+
+
+def test_the_flops_of_a_step_count_the_models_second_channel() -> None:
+    """A run that learns its variance: its config.yaml is read whole (a model section alone would
+    fail the check that pairs it with sample.variance_type), and the step costs a little more."""
+    from ddpm_mnist.config import apply_overrides, load_config, to_dict
+
+    fixed = to_dict(load_config(SMOKE))
+    learned = to_dict(apply_overrides(load_config(SMOKE), ["model.learn_variance=true", "train.loss=hybrid",
+                                                            "sample.variance_type=learned_range"]))
+    assert ablate.step_flops(learned, 4) > ablate.step_flops(fixed, 4) > 0

@@ -17,7 +17,7 @@ from PIL import Image
 from ddpm_mnist.config import ScheduleConfig
 from ddpm_mnist.data import load_mnist
 from ddpm_mnist.images import load_samples, load_samples_and_labels
-from ddpm_mnist.maths.editing import edit_loop, inpaint_loop, repaint_positions, slerp, start_step
+from ddpm_mnist.maths.editing import edit_loop, inpaint_loop, repaint_calls, repaint_positions, slerp, start_step
 from ddpm_mnist.maths.samplers import NoiseSource, make_sampler
 from ddpm_mnist.maths.schedule import make_schedule
 from ddpm_mnist.sample import reverse_loop
@@ -108,7 +108,15 @@ def test_inpainting_keeps_the_known_pixels_exactly(name: str, resample: int) -> 
     x0 = torch.rand(2, 1, 28, 28) * 2 - 1
     known = torch.zeros(1, 1, 28, 28, dtype=torch.bool)
     known[..., 14:, :] = True
-    out = inpaint_loop(s, NoiseSource(0, [0, 1], CPU), fake_step(s), x0, known, repaint_positions(12, resample, 4))
+    positions, calls = repaint_positions(12, resample, 4), []
+    step = fake_step(s)
+
+    def counted(i: int, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        calls.append(i)
+        return step(i, x, z)
+
+    out = inpaint_loop(s, NoiseSource(0, [0, 1], CPU), counted, x0, known, positions)
+    assert len(calls) == repaint_calls(positions) == 12 + (resample - 1) * 4 * len(range(11, 3, -4))
     assert torch.equal(out[..., 14:, :], x0[..., 14:, :])
     assert not torch.equal(out[..., :14, :], x0[..., :14, :])
 

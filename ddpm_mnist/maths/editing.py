@@ -64,6 +64,11 @@ def repaint_positions(num_steps: int, resample: int, jump: int) -> list[int]:
     return positions
 
 
+def repaint_calls(positions: list[int]) -> int:
+    """The model calls of a loop along `positions`: one per step down (a jump back up calls none)."""
+    return sum(b > a for a, b in zip(positions, positions[1:], strict=False))
+
+
 def inpaint_loop(sampler: Sampler, noise: NoiseSource, step: StepFn, x0: torch.Tensor, known: torch.Tensor,
                  positions: list[int]) -> torch.Tensor:
     """RePaint, Lugmayr et al. 2022, Algorithm 1, on any sampler whose steps stand alone.
