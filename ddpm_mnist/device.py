@@ -150,10 +150,11 @@ class Runtime:
     precision_note: str
     threads: CpuThreads | None = None
     threads_note: str = ""  # how many CPU threads, and why (empty off the CPU)
+    layout_note: str = ""  # training: the memory layout of a step, and why (see `choose_channels_last`)
 
     def describe(self) -> str:
-        """The precision and, on the CPU, the threads: for a run's opening line."""
-        return ", ".join(part for part in (self.precision_note, self.threads_note) if part)
+        """The precision, on the CPU the threads, and in training the memory layout: for a run's opening line."""
+        return ", ".join(part for part in (self.precision_note, self.threads_note, self.layout_note) if part)
 
     def share_cpu(self) -> None:
         """Between steps: follow the CPU time other processes use with the thread count (see `CpuThreads`)."""
@@ -193,6 +194,30 @@ def setup_runtime(
     governor, threads_note = cpu_threads(cfg.threads, device, "OMP_NUM_THREADS" in os.environ, training=training,
                                          recorded=recorded_threads)
     return Runtime(device, dtype, note, governor, threads_note)
+
+
+LAYOUT_TOLERANCE = 0.05  # channels_last is chosen only when more than this share faster than contiguous
+LAYOUT_ROUNDS = 2  # timed rounds in which the two layouts take turns, after an untimed one
+
+
+def choose_channels_last(seconds: Callable[[bool], float], images: int) -> tuple[bool, str]:
+    """train.channels_last: auto. `seconds(channels_last)` times a few training steps of `images`
+    images in all in that memory layout. An untimed round (allocations, the kernels' first choices),
+    then LAYOUT_ROUNDS in which the layouts take turns, each going first in one, and each keeps its
+    best (a busy moment slows one round). Which is faster differs between machines and precisions
+    (oneDNN's kernels, cuDNN's tensor cores); contiguous, the layout of the weights as saved, is kept
+    unless channels_last is more than LAYOUT_TOLERANCE faster. Returns the choice and the opening
+    line's words for it."""
+    best = {False: math.inf, True: math.inf}
+    for round_ in range(LAYOUT_ROUNDS + 1):
+        for layout in (False, True) if round_ % 2 == 0 else (True, False):  # each goes first as often
+            taken = seconds(layout)
+            if round_:
+                best[layout] = min(best[layout], taken)
+    rates = {layout: images / taken for layout, taken in best.items()}
+    chosen = rates[False] < (1 - LAYOUT_TOLERANCE) * rates[True]
+    measured = f"{rates[False]:,.0f} images/s contiguous against {rates[True]:,.0f} channels_last, timed here"
+    return chosen, f"{'channels_last' if chosen else 'contiguous'} memory (train.channels_last: auto; {measured})"
 
 
 def autocast(runtime: Runtime, *, cache_enabled: bool = True) -> contextlib.AbstractContextManager:

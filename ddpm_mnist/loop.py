@@ -11,6 +11,7 @@ or evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm_mnist.device import Runtime, autocast
+from ddpm_mnist.device import Runtime, autocast, choose_channels_last
 from ddpm_mnist.distributed import (
     Dist,
     StopFlag,
@@ -36,10 +37,13 @@ from ddpm_mnist.errors import Stopped, note
 from ddpm_mnist.logger import Interval, TrainLogger
 from ddpm_mnist.maths.diffusion import training_losses, training_timesteps
 from ddpm_mnist.trainstate import (
+    UNFIXED_STEPS,
     StepBudget,
     TrainState,
     apply_optimizer_settings,
+    build_train_state,
     ema_decay_at,
+    layout_from_checkpoint,
     length_from_checkpoint,
     relay_lr_schedule,
     setup_training,
@@ -71,7 +75,7 @@ class Hooks:
 def run_steps(cfg: Config, ddp: Dist, runtime: Runtime, folder: RunFolder,
               resume_from: Checkpoint | None, hooks: Hooks, change_world_size: bool) -> Path:
     """Set up, then step until train.steps: the loop of Algorithm 1 with its logs, previews and checkpoints."""
-    cfg, batches, schedule, total, state = setup_state(cfg, ddp, runtime, resume_from, change_world_size)
+    cfg, runtime, batches, schedule, total, state = setup_state(cfg, ddp, runtime, resume_from, change_world_size)
     if state.step >= total:
         return say_nothing_to_train(folder, state.step, total, ddp)
     training, forward = cfg.train, wrap_for_training(state.model, ddp, runtime, cfg.train.compile)
@@ -117,12 +121,14 @@ def say_nothing_to_train(folder: RunFolder, step: int, total: int, ddp: Dist) ->
     return folder.path
 
 
-def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Checkpoint | None,
-                change_world_size: bool) -> tuple[Config, EpochBatches, NoiseSchedule, int, TrainState]:
-    """The run's config (its length from the checkpoint on resume), data, schedule, length and state,
-    restored from the checkpoint when resuming."""
-    cfg = length_from_checkpoint(cfg, resume_from, ddp.is_main)
+def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Checkpoint | None, change_world_size: bool
+                ) -> tuple[Config, Runtime, EpochBatches, NoiseSchedule, int, TrainState]:
+    """The run's config (its length and memory layout from the checkpoint on resume, train.channels_last:
+    auto resolved), runtime, data, schedule, length and state, restored from the checkpoint when resuming."""
+    cfg = layout_from_checkpoint(length_from_checkpoint(cfg, resume_from, ddp.is_main), resume_from)
     batches, schedule, total, state = setup_training(cfg, runtime, ddp.rank, ddp.world_size)
+    if cfg.train.channels_last == "auto":
+        cfg, runtime = with_layout(cfg, state, batches, schedule, runtime, ddp)
     if resume_from is not None:
         check_resume_world_size(resume_from.world_size, ddp, cfg.train.batch_size, len(batches.images),
                                 change_world_size)
@@ -130,7 +136,50 @@ def setup_state(cfg: Config, ddp: Dist, runtime: Runtime, resume_from: Checkpoin
         changed = apply_optimizer_settings(state, cfg.train, resume_from.config.train)
         if changed and ddp.is_main:
             note(f"--resume applies {', '.join(changed)}")
-    return cfg, batches, schedule, total, state
+    return cfg, runtime, batches, schedule, total, state
+
+
+LAYOUT_STEPS = 8  # training steps each memory layout is timed for, per round
+
+
+def with_layout(cfg: Config, state: TrainState, batches: EpochBatches, schedule: NoiseSchedule, runtime: Runtime,
+                ddp: Dist) -> tuple[Config, Runtime]:
+    """train.channels_last: auto, resolved for a new run: contiguous under runtime.deterministic (a rerun
+    computes the same bits), else the layout `choose_channels_last` times as faster here. Rank 0's
+    choice holds on every rank; the config (so config.yaml and the checkpoints) records it, and the
+    opening line says it and why."""
+    if cfg.runtime.deterministic:
+        chosen, said = False, "contiguous memory (train.channels_last: auto; not timed under runtime.deterministic)"
+    else:
+        states = {layout: build_train_state(with_channels_last(cfg, layout), runtime, ddp.rank, UNFIXED_STEPS)
+                  for layout in (False, True)}  # each as a run in that layout starts, with generators of its own
+        timed = functools.partial(layout_seconds, states, schedule, batches, cfg, runtime)
+        chosen, said = choose_channels_last(timed, LAYOUT_STEPS * cfg.train.batch_size)
+    chosen, said = gather(ddp, (chosen, said))[0]
+    if chosen:  # as if built so (the optimiser holds the same parameters, in their new layout)
+        state.model.to(memory_format=torch.channels_last)
+        state.ema.to(memory_format=torch.channels_last)
+    return with_channels_last(cfg, chosen), dataclasses.replace(runtime, layout_note=said)
+
+
+def with_channels_last(cfg: Config, channels_last: bool) -> Config:
+    """The config with train.channels_last set."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=channels_last))
+
+
+def layout_seconds(states: dict[bool, TrainState], schedule: NoiseSchedule, batches: EpochBatches, cfg: Config,
+                   runtime: Runtime, channels_last: bool) -> float:
+    """Seconds of LAYOUT_STEPS whole training steps (`train_step`: the batch, forward, backward,
+    clipping, AdamW, EMA) of a fresh state of the run's config in one memory layout (`states`); the
+    run's own state and generators are not touched."""
+    probe = states[channels_last]
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        started = time.perf_counter()
+        for _ in range(LAYOUT_STEPS):
+            losses = train_step(probe, probe.model, schedule, batches, with_channels_last(cfg, channels_last),
+                                runtime)[0]
+        losses.sum().item()  # the queued work is done (CUDA)
+        return time.perf_counter() - started
 
 
 def read_budget(budget: StepBudget, cfg: Config, total: int, state: TrainState, folder: RunFolder, ddp: Dist,

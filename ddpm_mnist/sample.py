@@ -310,8 +310,8 @@ def prepare_sampling(ckpt_path: Path, request: SampleRequest, overrides: list[st
     how = f" ({s.timestep_spacing})" if cfg.reverse_steps < cfg.schedule.num_timesteps else ""
     how += ", Karras sigmas" if s.sigma_schedule == "karras" else ""
     how += f", from {sampler.init_noise_sigma:.4g} z" if sampler.init_noise_sigma != 1 else ""
-    cfg, batch = with_batch_size(model, cfg, runtime)
-    model, eager, compiled = compiled_for(model, cfg, runtime)
+    cfg, batch, rate = with_batch_size(model, cfg, runtime)
+    model, eager, compiled = compiled_for(model, cfg, runtime, rate)
     calls = f" ({sampler.num_steps} model calls)" if sampler.num_steps != cfg.reverse_steps else ""
     note = (f"{s.sampler}, {cfg.reverse_steps} steps{how}{calls}, seed {cfg.seed}, {checkpoint.describe(s.use_ema)}, "
             f"{runtime.device}, {runtime.precision_note}, {batch}" + (", CUDA graph" if static else "") + compiled
@@ -335,26 +335,27 @@ PROBE_TOLERANCE = 0.05  # the smallest batch within this share of the fastest is
 PROBE_ROUNDS_FROM = 100_000  # image-steps from which the candidates take turns for two timed rounds, not one
 
 
-def with_batch_size(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[Config, str]:
-    """The config with sample.batch_size resolved, and what the note line says of it. 0 times the
-    candidates (at most n, and within memory) on the job's own loop (`probe_rates`) and picks the
-    smallest within PROBE_TOLERANCE of the fastest (`pick_batch`): the fastest batch differs from
-    one CPU to the next, and the images do not depend on it."""
+def with_batch_size(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[Config, str, float | None]:
+    """The config with sample.batch_size resolved, what the note line says of it, and the rate timed
+    for it (image-steps/s; None when not timed). 0 times the candidates (at most n, and within memory)
+    on the job's own loop (`probe_rates`) and picks the smallest within PROBE_TOLERANCE of the fastest
+    (`pick_batch`): the fastest batch differs from one CPU to the next, and the images do not depend on it."""
     s = cfg.sample
     if s.batch_size:
-        return cfg, f"batch {min(s.batch_size, s.n)}"
+        return cfg, f"batch {min(s.batch_size, s.n)}", None
     available = available_memory_bytes(runtime.device) or 2**62
     sizes = [size for size in BATCH_SIZES if size <= s.n and 4 * sampling_memory_bytes(cfg.model, size, 0) < available]
     if not sizes:
         size = min(s.n, BATCH_SIZES[0])
-        return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=size)), f"batch {size}"
+        return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=size)), f"batch {size}", None
     rounds = 2 if s.n * cfg.reverse_steps >= PROBE_ROUNDS_FROM else 1
     rates = probe_rates(model, cfg, runtime, sizes, rounds) if len(sizes) > 1 else {sizes[0]: math.nan}
     chosen = pick_batch(rates)
     measured = ", ".join(f"{size} {rate:,.0f}" for size, rate in rates.items())
     note = (f"batch {chosen} (the smallest within {PROBE_TOLERANCE:.0%} of the fastest of {measured} image-steps/s "
             "timed here)" if len(rates) > 1 else f"batch {chosen}")
-    return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=chosen)), note
+    rate = rates[chosen] if len(rates) > 1 else None
+    return dataclasses.replace(cfg, sample=dataclasses.replace(s, batch_size=chosen)), note, rate
 
 
 def pick_batch(rates: dict[int, float]) -> int:
@@ -383,23 +384,36 @@ def probe_rates(model: nn.Module, cfg: Config, runtime: Runtime, sizes: list[int
     return rates
 
 
-# sample.compile: auto compiles CPU jobs of at least this many image-steps, long enough for the
-# compile to be a small part of the job
-COMPILE_AUTO_IMAGE_STEPS = 300_000
+# sample.compile: auto compiles a job on the CPU in float32 whose eager time, at the rate timed for its
+# batch, is at least this long: enough to repay a first compile, which inductor then caches
+# (docs/performance.md has the measurements behind it)
+COMPILE_AUTO_SECONDS = 6 * 60
 
 
-def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime) -> tuple[nn.Module, nn.Module | None, str]:
+def compiled_for(model: nn.Module, cfg: Config, runtime: Runtime, rate: float | None = None
+                 ) -> tuple[nn.Module, nn.Module | None, str]:
     """(the model to sample with under sample.compile, the eager one to fall back to if an auto
     compile fails (see `SamplingJob.compile_now`), and what the note line says). true compiles; auto
-    compiles a CPU job of at least COMPILE_AUTO_IMAGE_STEPS."""
+    compiles a CPU job in float32 predicted to take at least COMPILE_AUTO_SECONDS eagerly at `rate`
+    (image-steps/s of its batch; timed here when None). Not under bf16 autocast, where compiling
+    gained nothing and moved the images; not on CUDA, which replays CUDA graphs instead."""
     s = cfg.sample
-    job = s.n * cfg.reverse_steps
-    if s.compile is False or (s.compile == "auto" and (runtime.device.type != "cpu" or job < COMPILE_AUTO_IMAGE_STEPS)):
+    if s.compile is False:
         return model, None, ""
-    compiled = torch.compile(model, dynamic=False)
     if s.compile is True:
-        return compiled, None, ", compiled"
-    return compiled, model, ", compiled (sample.compile: auto)"
+        return torch.compile(model, dynamic=False), None, ", compiled"
+    if runtime.device.type != "cpu" or runtime.autocast_dtype is not None:
+        return model, None, ""
+    if rate is None:  # a batch given by hand: time it, if it fits (else the job is refused before it starts)
+        batch = min(s.batch_size, s.n)
+        if 4 * sampling_memory_bytes(cfg.model, batch, 0) >= (available_memory_bytes(runtime.device) or 2**62):
+            return model, None, ""
+        rate = probe_rates(model, cfg, runtime, [batch], 1)[batch]
+    eager_seconds = s.n * cfg.reverse_steps / rate
+    if eager_seconds < COMPILE_AUTO_SECONDS:
+        return model, None, ""
+    why = f"about {eager_seconds / 60:.0f} minutes eager at {rate:,.0f} image-steps/s"
+    return torch.compile(model, dynamic=False), model, f", compiled (sample.compile: auto: {why})"
 
 
 def sampling_configs(ckpt_path: Path, requests: list[SampleRequest], overrides: list[str] | None

@@ -180,13 +180,22 @@ def length_from_checkpoint(cfg: Config, resume_from: Checkpoint | None, say: boo
     return with_fixed_length(cfg, stored.train.steps)
 
 
+def layout_from_checkpoint(cfg: Config, resume_from: Checkpoint | None) -> Config:
+    """train.channels_last: auto on --resume: the layout the run chose at its start (its checkpoint's
+    config records it; contiguous if it records none), so that it computes the same bits."""
+    if cfg.train.channels_last != "auto" or resume_from is None:
+        return cfg
+    recorded = resume_from.config.train.channels_last is True
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=recorded))
+
+
 def build_train_state(cfg: Config, runtime: Runtime, rank: int, total_steps: int) -> TrainState:
     """A fresh state: the same initial weights on every process, this process's own noise stream."""
     training = cfg.train
     with torch.random.fork_rng(devices=[]):  # the weights come from their own seed, not the global stream
         torch.manual_seed(derive_seed(cfg.seed, MODEL_INIT))
         model = UNet(cfg.model).to(runtime.device)
-    if training.channels_last:
+    if training.channels_last is True:  # auto: decided after, by timing (loop.with_layout)
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(training.ema_decay, training.ema_warmup), use_buffers=True)
     # fused: one kernel for all parameters, on CPU too (a fraction of the step time of the loop over them)

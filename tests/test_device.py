@@ -1,4 +1,5 @@
-"""device: torch's CPU threads under runtime.threads, and what changing them mid-run does to samples."""
+"""device: torch's CPU threads under runtime.threads, what changing them mid-run does to samples, and
+the choice of the training step's memory layout (train.channels_last: auto)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from conftest import SMOKE, run_cli
 from helpers import one_line_error
 
 from ddpm_mnist.config import ModelConfig, ScheduleConfig
-from ddpm_mnist.device import CpuThreads, Runtime, allowed_cores, cpu_threads, read_cpu_use
+from ddpm_mnist.device import CpuThreads, Runtime, allowed_cores, choose_channels_last, cpu_threads, read_cpu_use
 from ddpm_mnist.maths.samplers import NoiseSource, make_sampler
 from ddpm_mnist.maths.schedule import make_schedule
 from ddpm_mnist.maths.unet import UNet
@@ -145,3 +146,38 @@ def test_changing_the_thread_count_mid_loop_leaves_the_images_alone() -> None:
 def test_bad_thread_counts_are_one_line(value: str, says: str, capsys) -> None:
     code, _, err = run_cli(capsys, "config", "--config", SMOKE, "--set", f"runtime.threads={value}")
     one_line_error(code, err, says)
+
+
+@pytest.mark.parametrize("contiguous, channels_last, chosen", [
+    (1.00, 0.90, True),  # channels_last 11% faster
+    (1.00, 0.97, False),  # 3% faster: within the tolerance, contiguous kept
+    (1.00, 1.20, False),  # slower
+    (1.05, 1.00, False),  # 5% faster: not more than the tolerance
+])
+def test_channels_last_is_chosen_only_when_more_than_five_percent_faster(contiguous: float, channels_last: float,
+                                                                          chosen: bool) -> None:
+    """Fake timings (seconds per call for each layout); no timing is measured."""
+    calls: list[bool] = []
+
+    def seconds(layout: bool) -> float:
+        calls.append(layout)
+        return channels_last if layout else contiguous
+
+    picked, said = choose_channels_last(seconds, 192)
+    assert picked is chosen
+    assert calls == [False, True, True, False, False, True]  # an untimed round, then two, each first once
+    layout = "channels_last" if chosen else "contiguous"
+    assert said == (f"{layout} memory (train.channels_last: auto; {192 / contiguous:,.0f} images/s contiguous "
+                    f"against {192 / channels_last:,.0f} channels_last, timed here)")
+
+
+def test_the_layout_choice_keeps_each_layouts_best_round_and_ignores_the_first() -> None:
+    """The untimed first round is slow for contiguous (first allocations), and one timed round of it is
+    slowed threefold (a busy moment): its best round decides, and contiguous is kept."""
+    times = {False: [9.0, 3.0, 1.0], True: [1.0, 0.98, 0.99]}  # each layout's rounds, in order
+
+    def seconds(layout: bool) -> float:
+        return times[layout].pop(0)
+
+    picked, said = choose_channels_last(seconds, 64)
+    assert picked is False and said.startswith("contiguous memory") and "64 images/s contiguous" in said

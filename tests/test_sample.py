@@ -288,15 +288,19 @@ class FakeCompile:
         return Compiled()
 
 
-@pytest.mark.parametrize("setting, n, steps, device, compiles", [
-    ("auto", 300, 1000, "cpu", True),  # 300,000 image-steps: worth compiling
-    ("auto", 64, 1000, "cpu", False),  # a grid of 64: the compile would cost more than it saves
-    ("auto", 1000, 1000, "cuda", False),  # CUDA replays CUDA graphs instead
-    (False, 1000, 1000, "cpu", False),
-    (True, 4, 10, "cpu", True),
+@pytest.mark.parametrize("setting, n, steps, device, bf16, rate, compiles", [
+    ("auto", 300, 1000, "cpu", False, 800.0, True),  # 375 s eager at 800 image-steps/s: worth compiling
+    ("auto", 300, 1000, "cpu", False, 900.0, False),  # 333 s: under 6 minutes
+    ("auto", 64, 1000, "cpu", False, 800.0, False),  # a grid of 64: the compile would cost more than it saves
+    ("auto", 1000, 1000, "cpu", True, 100.0, False),  # bf16 autocast: compiling gained nothing
+    ("auto", 1000, 1000, "cuda", False, 100.0, False),  # CUDA replays CUDA graphs instead
+    (False, 1000, 1000, "cpu", False, 100.0, False),
+    (True, 4, 10, "cpu", False, 1e6, True),
 ])
 def test_sample_compile_auto_compiles_only_jobs_long_enough(monkeypatch, setting: object, n: int, steps: int,
-                                                              device: str, compiles: bool) -> None:
+                                                              device: str, bf16: bool, rate: float,
+                                                              compiles: bool) -> None:
+    """Fake rates (image-steps/s of the job's batch, as the batch probe times them); no timing is measured."""
     from ddpm_mnist.device import Runtime
     from ddpm_mnist.maths.unet import UNet
     from ddpm_mnist.sample import compiled_for
@@ -306,11 +310,34 @@ def test_sample_compile_auto_compiles_only_jobs_long_enough(monkeypatch, setting
     cfg = load_config(SMOKE, [f"sample.compile={str(setting).lower()}", f"sample.n={n}", f"sample.steps={steps}",
                               "sample.batch_size=2"])
     model = UNet(cfg.model).eval()
-    runtime = Runtime(torch.device(device), None, "float32")
-    chosen, eager, note = compiled_for(model, cfg, runtime)
+    runtime = Runtime(torch.device(device), torch.bfloat16 if bf16 else None, "bf16" if bf16 else "float32")
+    chosen, eager, note = compiled_for(model, cfg, runtime, rate)
     assert fake.calls == int(compiles) and (chosen is not model) == compiles
     assert ("compiled" in note) == compiles
     assert (eager is model) == (compiles and setting == "auto")  # only auto falls back, if it must
+    if compiles and setting == "auto":
+        why = f"about {n * steps / rate / 60:.0f} minutes eager at {rate:,.0f} image-steps/s"
+        assert note == f", compiled (sample.compile: auto: {why})"
+
+
+def test_sample_compile_auto_times_a_batch_given_by_hand(monkeypatch) -> None:
+    """With sample.batch_size pinned, nothing was timed: auto times that batch (fake timings here) and
+    decides from its rate."""
+    import ddpm_mnist.sample as sample
+    from ddpm_mnist.device import Runtime
+    from ddpm_mnist.maths.unet import UNet
+
+    timed: list[list[int]] = []
+
+    def fake_rates(model, cfg, runtime, sizes, rounds):
+        timed.append(list(sizes))
+        return {size: 500.0 for size in sizes}
+
+    monkeypatch.setattr(sample, "probe_rates", fake_rates)
+    monkeypatch.setattr(torch, "compile", FakeCompile())
+    cfg = load_config(SMOKE, ["sample.compile=auto", "sample.n=200", "sample.steps=1000", "sample.batch_size=50"])
+    chosen, eager, note = sample.compiled_for(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "f32"))
+    assert timed == [[50]] and eager is not None and "about 7 minutes eager at 500 image-steps/s" in note
 
 
 def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch, capsys) -> None:
@@ -322,7 +349,7 @@ def test_a_compile_that_fails_under_auto_samples_eagerly_and_says_so(monkeypatch
     cfg = load_config(SMOKE, ["sample.n=1000", "sample.steps=300", "sample.batch_size=2", "sample.compile=auto"])
     model = UNet(cfg.model).eval()
     runtime = Runtime(torch.device("cpu"), None, "float32")
-    chosen, eager, _ = compiled_for(model, cfg, runtime)
+    chosen, eager, _ = compiled_for(model, cfg, runtime, 100.0)  # a fake rate: 50 minutes eager
     run = SamplingJob(cfg, 0, chosen, sampler_for(cfg, "cpu"), runtime, False, "", eager, compiled=True)
     images = torch.cat([batch for _, batch in run.batches(3, 0, 2)])
     assert run.model is model and not run.compiled and images.shape == (3, 1, 28, 28)
@@ -347,7 +374,7 @@ def test_batch_size_0_times_the_candidates_up_to_n(asked: int, n: int, allowed: 
     from ddpm_mnist.sample import with_batch_size
 
     cfg = load_config(SMOKE, [f"sample.batch_size={asked}", f"sample.n={n}"])
-    resolved, note = with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
+    resolved, note, _ = with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
     assert resolved.sample.batch_size in allowed and note.startswith(f"batch {resolved.sample.batch_size}")
     assert ("of the fastest of" in note) == (asked == 0 and len(allowed) > 1)
 
@@ -384,12 +411,14 @@ def test_the_batch_probe_times_the_jobs_own_loop_and_keeps_each_sizes_best_round
     monkeypatch.setattr(sample, "generate", fake_generate)
     monkeypatch.setattr(sample.time, "perf_counter", lambda: clock[0])
     cfg = load_config(SMOKE, ["sample.batch_size=0", "sample.n=1000", "sample.steps=200", "sample.sampler=ddim"])
-    resolved, note = sample.with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None, "float32"))
+    resolved, note, rate = sample.with_batch_size(UNet(cfg.model).eval(), cfg, Runtime(torch.device("cpu"), None,
+                                                                                       "float32"))
     sizes = [16, 32, 64, 128, 256]
     assert calls == [(size, sample.PROBE_STEPS) for size in sizes] * 3  # an untimed round, then two in turn
     assert resolved.sample.batch_size == 64  # its slowed round is not its best
     rates = ", ".join(f"{size} {1 / cost[size]:,.0f}" for size in sizes)  # image-steps/s: PROBE_STEPS / cost
     assert note == f"batch 64 (the smallest within 5% of the fastest of {rates} image-steps/s timed here)"
+    assert rate == pytest.approx(1 / cost[64])  # the chosen batch's rate, for sample.compile: auto
 
 
 def test_a_compiled_run_fills_up_its_last_batch_and_keeps_the_same_images() -> None:

@@ -38,15 +38,16 @@ from ddpm_mnist.trainstate import (
 def test_smoke_run_writes_a_complete_checkpoint_and_logs(smoke_cfg: Config) -> None:
     run_dir = smoke_run(smoke_cfg)
     assert run_dir == smoke_cfg.run_dir
+    resolved = apply_overrides(smoke_cfg, ["train.channels_last=false"])  # auto, as the run chose it
     assert config_from_dict(
         __import__("yaml").safe_load((run_dir / "config.yaml").read_text()), "config.yaml"
-    ) == smoke_cfg
+    ) == resolved
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest.pt", "step_000000010.pt", "step_000000020.pt"]
     state = load(run_dir / "checkpoints" / "latest.pt").contents  # weights_only=True
     assert state["format"] == FORMAT and state["format_version"] == FORMAT_VERSION
     assert state["step"] == 20 and state["epoch"] == 20 // (1000 // 32)
-    assert config_from_dict(state["config"], "ckpt") == smoke_cfg
+    assert config_from_dict(state["config"], "ckpt") == resolved
     for key in ("model", "ema", "optimizer", "lr_scheduler", "rng", "ema_num_averaged"):
         assert key in state
     assert state["ema_num_averaged"] == 20
@@ -119,8 +120,8 @@ def test_resume_applies_the_optimiser_settings_it_is_given_and_says_so(smoke_cfg
 @pytest.mark.slow
 def test_a_checkpoint_from_before_the_recipe_options_resumes_as_it_was_trained(smoke_cfg: Config) -> None:
     """A checkpoint (and config.yaml) without model.time_conditioning, model.patch_size,
-    model.learn_variance, train.timestep_sampling, train.adam_beta2 and train.vlb_weight resumes with
-    what they were before they existed."""
+    model.learn_variance, train.timestep_sampling, train.adam_beta2, train.vlb_weight and
+    train.channels_last resumes with what they were before they existed (contiguous memory, for the last)."""
     sets = ["train.checkpoint_every=4", "train.sample_every=0", "train.steps=8"]
     straight = smoke_run(smoke_cfg, *sets, "name=straight")
     old = smoke_cfg.run_dir.parent / "old"
@@ -129,17 +130,72 @@ def test_a_checkpoint_from_before_the_recipe_options_resumes_as_it_was_trained(s
     (checkpoints / "step_000000008.pt").unlink()
     state = torch.load(checkpoints / "step_000000004.pt", weights_only=True)
     for section, key in (("model", "time_conditioning"), ("model", "patch_size"), ("train", "timestep_sampling"),
-                         ("train", "adam_beta2"), ("model", "learn_variance"), ("train", "vlb_weight")):
+                         ("train", "adam_beta2"), ("model", "learn_variance"), ("train", "vlb_weight"),
+                         ("train", "channels_last")):
         del state["config"][section][key]
     torch.save(state, checkpoints / "latest.pt")
     text = (old / "config.yaml").read_text()
-    for key in ("time_conditioning", "patch_size", "timestep_sampling", "adam_beta2", "learn_variance", "vlb_weight"):
+    for key in ("time_conditioning", "patch_size", "timestep_sampling", "adam_beta2", "learn_variance", "vlb_weight",
+                "channels_last"):
         text = "".join(line for line in text.splitlines(keepends=True) if not line.strip().startswith(f"{key}:"))
     (old / "config.yaml").write_text(text)
     smoke_run(smoke_cfg, *sets, "name=old", resume=True)
     a, b = weights(straight), weights(old)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_channels_last_auto_follows_the_timings_records_the_choice_and_resume_keeps_it(
+        smoke_cfg: Config, monkeypatch, capsys) -> None:
+    """Fake timings decide train.channels_last: auto. The run then trains exactly as with the layout
+    set by hand (the timing touches no generator of the run), config.yaml and the checkpoints record
+    the choice, the opening line says it and why, and --resume keeps it without timing again."""
+    faster = {"layout": True}
+    timed: list[bool] = []
+
+    def fake_seconds(states, schedule, batches, cfg, runtime, channels_last: bool) -> float:
+        timed.append(channels_last)
+        return 1.0 if channels_last == faster["layout"] else 2.0
+
+    monkeypatch.setattr(loop, "layout_seconds", fake_seconds)
+    sets = ["runtime.deterministic=false", "train.sample_every=0", "train.checkpoint_every=4", "train.steps=8",
+            "model.dropout=0.1"]
+    for layout in (True, False):
+        faster["layout"] = layout
+        capsys.readouterr()
+        auto = smoke_run(smoke_cfg, *sets, f"name=auto_{layout}")
+        opening = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run "))
+        said = "channels_last memory" if layout else "contiguous memory"
+        assert f"{said} (train.channels_last: auto; " in opening and "timed here" in opening
+        by_hand = smoke_run(smoke_cfg, *sets, f"train.channels_last={str(layout).lower()}", f"name=hand_{layout}")
+        a, b = weights(auto), weights(by_hand)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+        assert load(auto / "checkpoints" / "latest.pt").config.train.channels_last is layout
+        assert f"channels_last: {str(layout).lower()}" in (auto / "config.yaml").read_text()
+    assert len(timed) == 12  # two runs, three rounds of the two layouts each
+    # resumed from step 4 while the timings now favour contiguous: the run keeps channels_last
+    resumed = smoke_cfg.run_dir.parent / "auto_resumed"
+    shutil.copytree(smoke_cfg.run_dir.parent / "auto_True", resumed)
+    (resumed / "checkpoints" / "step_000000008.pt").unlink()
+    shutil.copyfile(resumed / "checkpoints" / "step_000000004.pt", resumed / "checkpoints" / "latest.pt")
+    timed.clear()
+    smoke_run(smoke_cfg, *sets, "name=auto_resumed", resume=True)
+    assert not timed
+    a, b = weights(smoke_cfg.run_dir.parent / "auto_True"), weights(resumed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_channels_last_auto_is_not_timed_under_runtime_deterministic(smoke_cfg: Config, monkeypatch, capsys) -> None:
+    def refuse(*args, **kwargs) -> float:
+        raise AssertionError("timed under runtime.deterministic")
+
+    monkeypatch.setattr(loop, "layout_seconds", refuse)
+    capsys.readouterr()
+    run = smoke_run(smoke_cfg, "train.sample_every=0", "train.steps=2")
+    assert "contiguous memory (train.channels_last: auto; not timed under runtime.deterministic)" in \
+        capsys.readouterr().out
+    assert load(run / "checkpoints" / "latest.pt").config.train.channels_last is False
 
 
 @pytest.mark.slow
